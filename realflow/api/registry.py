@@ -1,0 +1,181 @@
+"""Name -> class registries, and loading of users' plugin modules.
+
+One small generic type, one instance per family. Built-in entries live in the modules listed by
+each registry and are imported on first lookup, so `import realflow` stays cheap.
+
+    from realflow.api.registry import INTERFACES
+
+    @INTERFACES.register("my_reward")
+    class MyReward: ...
+
+    INTERFACES.get("my_reward")     # -> MyReward
+    INTERFACES.get("my_rewad")      # RegistryError: ... did you mean 'my_reward'?
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RegistryError(ValueError):
+    """A registry miss or a double registration: a user error with a clear message."""
+
+
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most similar to `name`, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+class Registry(Generic[T]):
+    """Maps names to objects (usually classes) of one family.
+
+    `builtin_modules` are imported the first time the registry is read, which registers the
+    built-in entries without importing them at package import time.
+    """
+
+    def __init__(self, family: str, builtin_modules: tuple[str, ...] = ()):
+        self.family = family
+        self._builtin_modules = builtin_modules
+        self._builtins_loaded = False
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None) -> Any:
+        """Register `obj` under `name`; without `obj`, return a decorator."""
+        if obj is None:
+
+            def decorator(o: T) -> T:
+                self._add(name, o)
+                return o
+
+            return decorator
+        self._add(name, obj)
+        return obj
+
+    def _add(self, name: str, obj: T) -> None:
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{self.family} names must be non-empty strings, got {name!r}")
+        # Built-ins first, so a plugin that reuses a built-in name fails here, not later.
+        self._load_builtins()
+        if name in self._entries and self._entries[name] is not obj:
+            raise RegistryError(
+                f"{self.family} '{name}' is already registered (by {_describe(self._entries[name])}); "
+                f"pick another name for {_describe(obj)}"
+            )
+        self._entries[name] = obj
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests use this to clean up after registering)."""
+        self._entries.pop(name, None)
+
+    def get(self, name: str) -> T:
+        self._load_builtins()
+        if name in self._entries:
+            return self._entries[name]
+        raise RegistryError(self.miss_message(name))
+
+    def miss_message(self, name: str) -> str:
+        known = self.names()
+        msg = f"unknown {self.family} '{name}'. Known: {', '.join(known) or '(none)'}"
+        guess = closest(name, known)
+        if guess:
+            msg += f". Did you mean '{guess}'?"
+        return msg
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def _load_builtins(self) -> None:
+        if self._builtins_loaded:
+            return
+        self._builtins_loaded = True
+        for module in self._builtin_modules:
+            importlib.import_module(module)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.family!r}, {len(self._entries)} entries)"
+
+
+def _describe(obj: Any) -> str:
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    return f"{module}.{qualname}" if module and qualname else repr(obj)
+
+
+EXPERIMENTS: Registry[Any] = Registry("experiment", ("realflow.experiments",))
+DATASETS: Registry[Any] = Registry("dataset", ("realflow.data.datasets",))
+INTERFACES: Registry[Any] = Registry(
+    "interface", ("realflow.interfaces", "realflow.system.toy_interfaces")
+)
+MODEL_FAMILIES: Registry[Any] = Registry("model family", ("realflow.models.families",))
+REWARD_SCORERS: Registry[Any] = Registry("reward scorer", ("realflow.interfaces.scorers",))
+
+ENTRY_POINT_GROUP = "realflow.plugins"
+_loaded_plugins: set[str] = set()
+
+
+def load_plugins(specs: Iterable[str] = (), entry_points: bool = True) -> list[str]:
+    """Import users' plugin modules so their register calls run.
+
+    Each spec is a path to a `.py` file or an importable module name. Modules in the
+    `realflow.plugins` entry-point group load too. Returns the names loaded now. Loading the same
+    plugin twice is a no-op.
+    """
+    loaded = []
+    if entry_points:
+        from importlib.metadata import entry_points as _eps
+
+        for ep in _eps(group=ENTRY_POINT_GROUP):
+            key = f"ep:{ep.value}"
+            if key not in _loaded_plugins:
+                _loaded_plugins.add(key)
+                ep.load()
+                loaded.append(ep.value)
+    for spec in specs:
+        spec = spec.strip()
+        if not spec or spec in _loaded_plugins:
+            continue
+        _import_plugin(spec)
+        _loaded_plugins.add(spec)
+        loaded.append(spec)
+    return loaded
+
+
+def _import_plugin(spec: str) -> None:
+    path = Path(spec)
+    if spec.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise RegistryError(f"plugin file '{spec}' does not exist")
+        name = f"realflow_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return
+    try:
+        importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        if e.name and spec.startswith(e.name):
+            raise RegistryError(
+                f"plugin module '{spec}' cannot be imported: {e}. "
+                "Give a path to a .py file or an importable module name."
+            ) from e
+        raise
+
