@@ -178,4 +178,3 @@ def _import_plugin(spec: str) -> None:
                 "Give a path to a .py file or an importable module name."
             ) from e
         raise
-
