@@ -115,7 +115,9 @@ def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerFast:
     if is_builtin_name(name):
         if (BUILTIN_TOKENIZER_DIR / "tokenizer.json").is_file():
             return _load_dir(BUILTIN_TOKENIZER_DIR)
-        logger.warning("shipped built-in tokenizer missing in %s; building it", BUILTIN_TOKENIZER_DIR)
+        logger.warning(
+            "shipped built-in tokenizer missing in %s; building it", BUILTIN_TOKENIZER_DIR
+        )
         return build_builtin_tokenizer()
     path = Path(name).expanduser()
     if not path.is_dir():
