@@ -3,9 +3,9 @@
 Each reads a JSONL file (one JSON object per line; blank lines are skipped) or a built-in name
 (`builtin:reverse`, `builtin:sort:eval`, ... see `realflow.data.sources`), tokenizes every row once
 and returns ONE-sample `SequenceSample`s: `dataset[i].ids == [i]` for i in `range(len(dataset))`.
-Metadata hold `prompt` (the original prompt text), `row` (= i) and every other row field that the
-dataset does not turn into tokens (e.g. `answer` and `task` for rule rewards). Rows whose extra
-fields differ lose the non-shared ones when gathered into a batch.
+Metadata hold `prompt` (the original prompt text), `row` (= i) and the other row fields (e.g.
+`answer` and `task` for rule rewards); only `paired` leaves out the answer fields it turns into
+tokens. Rows whose extra fields differ lose the non-shared ones when gathered into a batch.
 
 Token layout (BOS only when the tokenizer has one, EOS likewise; see realflow.data.tokenizer):
 
@@ -265,12 +265,11 @@ class PromptDataset(_TokenizedDataset):
 class PromptAnswerDataset(_TokenizedDataset):
     """Prompt-answer pairs for supervised fine-tuning (SFT).
 
-    Row: `{"prompt": str, "answer": str, ...}`; other fields go to metadata. Sample keys:
+    Row: `{"prompt": str, "answer": str, ...}`; every field (the answer too, for scoring
+    generations in evaluation) goes to metadata. Sample keys:
     `packed_input_ids` (L,) int64 = [BOS] + prompt + answer + [EOS] and `prompt_mask` (L,) bool,
     True on [BOS] + prompt. With max_length and truncate=True the answer end (EOS first) is cut.
     """
-
-    consumed_fields = ("answer",)
 
     def _check(self, row: Row) -> None:
         _require_str(row, "answer")
