@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+from alg_testutils import randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from realflow.algorithms import RunningMeanStd, masked_mean, masked_var, masked_whiten
+
+
+def plain_mean_var(xs: list[float], unbiased: bool) -> tuple[float, float]:
+    n = len(xs)
+    mean = sum(xs) / n
+    ss = sum((x - mean) ** 2 for x in xs)
+    return mean, ss / (n - 1 if unbiased else n)
+
+
+@given(st.lists(st.tuples(st.floats(-100, 100), st.booleans()), min_size=2, max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_masked_stats_match_plain(pairs):
+    x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    m = torch.tensor([p[1] for p in pairs])
+    kept = [p[0] for p in pairs if p[1]]
+    if len(kept) < 2:
+        assert float(masked_var(x, m)) == 0.0
+        return
+    mean, var = plain_mean_var(kept, unbiased=True)
+    _, var_b = plain_mean_var(kept, unbiased=False)
+    assert float(masked_mean(x, m)) == pytest.approx(mean, abs=1e-9)
+    assert float(masked_var(x, m)) == pytest.approx(var, rel=1e-9, abs=1e-9)
+    assert float(masked_var(x, m, unbiased=False)) == pytest.approx(var_b, rel=1e-9, abs=1e-9)
+    w = masked_whiten(x, m, eps=1e-8)
+    want = [(v - mean) / math.sqrt(var + 1e-8) if k else 0.0 for v, k in pairs]
+    torch.testing.assert_close(w, torch.tensor(want, dtype=torch.float64))
+    w2 = masked_whiten(x, m, shift_mean=False, eps=1e-8)
+    want2 = [(v - mean) / math.sqrt(var + 1e-8) + mean if k else 0.0 for v, k in pairs]
+    torch.testing.assert_close(w2, torch.tensor(want2, dtype=torch.float64))
+
+
+def test_masked_mean_empty_mask_is_zero_and_differentiable():
+    x = torch.ones(3, requires_grad=True)
+    m = torch.zeros(3, dtype=torch.bool)
+    out = masked_mean(x, m)
+    out.backward()
+    assert float(out.detach()) == 0.0 and x.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=6), st.integers(0, 1000))
+@settings(max_examples=50, deadline=None)
+def test_running_mean_std_equals_full_data(chunk_sizes, seed):
+    rms = RunningMeanStd()
+    everything: list[float] = []
+    for i, n in enumerate(chunk_sizes):
+        x = randn(n, seed + i, dtype=torch.float32) * 5 + 3
+        mask = torch.arange(n) % 3 != 0
+        rms.update(x, mask)
+        everything += [float(v) for v, k in zip(x, mask) if k]
+    if not everything:
+        assert rms.count == 0 and float(rms.mean) == 0.0 and float(rms.var) == 1.0
+        return
+    mean, var = plain_mean_var(everything, unbiased=False)
+    assert rms.count == len(everything)
+    assert float(rms.mean) == pytest.approx(mean, rel=1e-10, abs=1e-10)
+    assert float(rms.var) == pytest.approx(var, rel=1e-9, abs=1e-10)
+
+
+def test_running_mean_std_normalize_roundtrip_and_resume():
+    rms = RunningMeanStd(eps=1e-5)
+    rms.update(randn(50, 0) * 2 + 1)
+    x = randn(7, 1, dtype=torch.float32)
+    y = rms.normalize(x)
+    want = (x.double() - rms.mean) / math.sqrt(float(rms.var) + 1e-5)
+    torch.testing.assert_close(y, want.float())
+    torch.testing.assert_close(rms.denormalize(y), x)
+    other = RunningMeanStd()
+    other.load_state_dict(rms.state_dict())
+    more = randn(13, 2)
+    rms.update(more)
+    other.update(more)
+    assert other.state_dict() == rms.state_dict()
