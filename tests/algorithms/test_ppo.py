@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+from alg_testutils import Packed, packed_batches, randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from realflow.algorithms import (
+    broadcast_to_tokens,
+    group_normalized_advantages,
+    grpo_loss,
+    ppo_actor_loss,
+    ppo_critic_loss,
+    should_skip_minibatch,
+)
+
+
+def ref_token_pg(
+    lp: torch.Tensor, old: float, a: float, eps: float, dual: float | None
+) -> torch.Tensor:
+    """Clipped surrogate of one token, built from scalar ops with explicit branches."""
+    r = torch.exp(lp - old)
+    unclipped = -a * r
+    clipped = -a * torch.clamp(r, 1 - eps, 1 + eps)
+    loss = unclipped if float(unclipped.detach()) >= float(clipped.detach()) else clipped
+    if dual is not None and a < 0 and -a * dual < float(loss.detach()):
+        loss = torch.tensor(-a * dual, dtype=lp.dtype)
+    return loss
+
+
+def make_policy_batch(pk: Packed, seed: int):
+    old = randn(pk.t1, seed) - 1.0
+    lp = (old + 0.3 * randn(pk.t1, seed + 1)).requires_grad_()
+    adv = randn(pk.t1, seed + 2)
+    return lp, old, adv
+
+
+@given(
+    packed_batches(max_b=4, max_len=8), st.integers(0, 10_000), st.sampled_from([None, 2.0, 3.0])
+)
+@settings(max_examples=40, deadline=None)
+def test_ppo_actor_loss_value_grad_and_stats_match_loop(pk: Packed, seed: int, dual):
+    eps = 0.2
+    lp, old, adv = make_policy_batch(pk, seed)
+    ent = randn(pk.t1, seed + 3).abs()
+    mask = pk.mask()
+    loss, stats = ppo_actor_loss(
+        lp, old, adv, mask, eps, dual_clip=dual, entropy_T1=ent, entropy_coef=0.01
+    )
+    loss.backward()
+    got_grad = lp.grad.clone()
+
+    leaf = lp.detach().clone().requires_grad_()
+    terms, n_clip, k1, k3, ratios, ents = [], 0, 0.0, 0.0, [], 0.0
+    for t in range(pk.t1):
+        if not mask[t]:
+            continue
+        o, a = float(old[t]), float(adv[t])
+        terms.append(ref_token_pg(leaf[t], o, a, eps, dual))
+        r = math.exp(float(lp.detach()[t]) - o)
+        n_clip += (-a * min(max(r, 1 - eps), 1 + eps)) > (-a * r)
+        k1 += o - float(lp.detach()[t])
+        k3 += r - 1 - math.log(r)
+        ratios.append(r)
+        ents += float(ent[t])
+    n = len(terms)
+    want = sum(terms) / n - 0.01 * ents / n
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach())
+    torch.testing.assert_close(got_grad, leaf.grad)
+    assert float(stats.clip_frac) == pytest.approx(n_clip / n)
+    assert float(stats.approx_kl_k1) == pytest.approx(k1 / n)
+    assert float(stats.approx_kl_k3) == pytest.approx(k3 / n)
+    assert float(stats.ratio_mean) == pytest.approx(sum(ratios) / n)
+    assert float(stats.ratio_max) == pytest.approx(max(ratios))
+    assert float(stats.entropy) == pytest.approx(ents / n)
+    assert int(stats.n_tokens) == n
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    lp = torch.tensor([math.log(10.0)])
+    old = torch.tensor([0.0])
+    adv = torch.tensor([-1.0])
+    mask = torch.ones(1, dtype=torch.bool)
+    plain, _ = ppo_actor_loss(lp, old, adv, mask, 0.2)
+    capped, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, dual_clip=3.0)
+    assert float(plain) == pytest.approx(10.0)
+    assert float(capped) == pytest.approx(3.0)
+    assert float(stats.dual_clip_frac) == 1.0
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ppo_actor_loss(lp, old, adv, mask, 0.2, dual_clip=1.0)
+
+
+def test_should_skip_minibatch():
+    lp = torch.tensor([0.0, 1.0])
+    old = torch.zeros(2)
+    mask = torch.ones(2, dtype=torch.bool)
+    _, stats = ppo_actor_loss(lp, old, torch.ones(2), mask, 0.2)
+    assert not should_skip_minibatch(stats)
+    assert should_skip_minibatch(stats, max_ratio_mean=1.5)  # mean ratio (1 + e) / 2 ~ 1.86
+    assert not should_skip_minibatch(stats, max_ratio_mean=2.0)
+    k3 = (math.e - 1 - 1) / 2
+    assert should_skip_minibatch(stats, max_approx_kl=k3 - 1e-3)
+    assert not should_skip_minibatch(stats, max_approx_kl=k3 + 1e-3)
+
+
+@given(packed_batches(max_b=4, max_len=8), st.integers(0, 10_000), st.sampled_from([None, 0.2]))
+@settings(max_examples=40, deadline=None)
+def test_ppo_critic_loss_matches_loop(pk: Packed, seed: int, clip):
+    old = randn(pk.t1, seed)
+    v = (old + 0.5 * randn(pk.t1, seed + 1)).requires_grad_()
+    ret = randn(pk.t1, seed + 2)
+    mask = pk.mask()
+    loss, stats = ppo_critic_loss(v, old, ret, mask, clip)
+    loss.backward()
+
+    leaf = v.detach().clone().requires_grad_()
+    terms, n_clip = [], 0
+    for t in range(pk.t1):
+        if not mask[t]:
+            continue
+        o, r = float(old[t]), float(ret[t])
+        err = (leaf[t] - r) ** 2
+        if clip is not None:
+            vc = o + torch.clamp(leaf[t] - o, -clip, clip)
+            err_c = (vc - r) ** 2
+            if float(err_c.detach()) > float(err.detach()):
+                err, n_clip = err_c, n_clip + 1
+        terms.append(err)
+    want = 0.5 * sum(terms) / len(terms)
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach())
+    torch.testing.assert_close(v.grad, leaf.grad)
+    assert float(stats.clip_frac) == pytest.approx(n_clip / len(terms))
+
+
+def ref_group_adv(scores: list[float], sizes: list[int], scale: bool, eps: float) -> list[float]:
+    out, s = [], 0
+    for n in sizes:
+        g = scores[s : s + n]
+        mean = sum(g) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in g) / (n - 1)) if n > 1 else 0.0
+        out += [(x - mean) / (std + eps) if scale else x - mean for x in g]
+        s += n
+    return out
+
+
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=5), st.integers(0, 1000), st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_group_normalized_advantages_match_loop(sizes, seed, scale):
+    scores = randn(sum(sizes), seed)
+    got = group_normalized_advantages(scores, sizes, scale_by_std=scale, eps=1e-6)
+    want = ref_group_adv(scores.tolist(), sizes, scale, 1e-6)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
+def test_group_normalized_advantages_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="sum to len"):
+        group_normalized_advantages(torch.zeros(4), [2, 1])
+
+
+@given(
+    packed_batches(max_b=5, max_len=8),
+    st.integers(0, 10_000),
+    st.sampled_from(["token_mean", "seq_mean"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_grpo_loss_matches_loop(pk: Packed, seed: int, reduction: str):
+    eps, beta = 0.2, 0.04
+    lp, old, _ = make_policy_batch(pk, seed)
+    ref = old + 0.2 * randn(pk.t1, seed + 5)
+    scores = randn(len(pk.lens), seed + 6)
+    sizes = [len(pk.lens)]
+    adv = broadcast_to_tokens(group_normalized_advantages(scores, sizes), pk.mask(), pk.cu)
+    loss, stats = grpo_loss(lp, old, ref, adv, pk.mask(), pk.cu, eps, beta, reduction=reduction)
+    loss.backward()
+
+    leaf = lp.detach().clone().requires_grad_()
+    seq_means, all_terms, s = [], [], 0
+    for n, ms in zip(pk.lens, pk.mask_list()):
+        terms = []
+        for t in range(n - 1):
+            if ms[t]:
+                pg = ref_token_pg(leaf[s + t], float(old[s + t]), float(adv[s + t]), eps, None)
+                d = float(ref[s + t]) - leaf[s + t]
+                terms.append(pg + beta * (torch.exp(d) - d - 1))
+        seq_means.append(sum(terms) / len(terms))
+        all_terms += terms
+        s += n - 1
+    want = (
+        sum(all_terms) / len(all_terms)
+        if reduction == "token_mean"
+        else sum(seq_means) / len(seq_means)
+    )
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach())
+    torch.testing.assert_close(lp.grad, leaf.grad)
+    assert float(stats.ref_kl) >= 0.0
+
+
+def test_grpo_loss_unknown_reduction():
+    pk = Packed([3], [1])
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match="did you mean 'seq_mean'"):
+        grpo_loss(z, z, z, z, pk.mask(), pk.cu, 0.2, 0.1, reduction="seqmean")
