@@ -1,0 +1,65 @@
+"""DPO: a ref inference MFC feeds the actor's training with reference log-probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realflow.api.config import field_
+from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.registry import EXPERIMENTS
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+
+
+@dataclasses.dataclass
+class DPOHyperparameters:
+    beta: float = field_(0.1, "Strength of the implicit KL to the reference.", gt=0.0)
+    loss_type: str = field_("sigmoid", "DPO (sigmoid) or IPO loss.", choices=("sigmoid", "ipo"))
+    label_smoothing: float = field_(
+        0.0, "Conservative DPO: assumed label noise in [0, 0.5).", ge=0.0
+    )
+
+    def validate(self) -> list[str]:
+        if self.label_smoothing >= 0.5:
+            return [f"label_smoothing ({self.label_smoothing}) must be < 0.5"]
+        return []
+
+
+@EXPERIMENTS.register("dpo")
+@dataclasses.dataclass
+class DPOConfig(ExperimentConfig):
+    """DPO on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
+
+    actor: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    ref: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    dpo: DPOHyperparameters = dataclasses.field(default_factory=DPOHyperparameters)
+
+    dataset_type = "paired"
+    dataset_keys = ("packed_input_ids", "prompt_mask")
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {"actor": ModelRole(self.actor, head="lm"), "ref": ModelRole(self.ref, head="lm")}
+
+    def mfcs(self) -> list[MFCDef]:
+        args = interface_args(self.dpo)
+        return [
+            MFCDef(
+                name="ref_inf",
+                model_name="ref",
+                interface_type=InterfaceType.INFERENCE,
+                interface_impl=InterfaceSpec("dpo", args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids", "prompt_mask"),
+                output_keys=("ref_seqlogp",),
+                output_key_remap={"seqlogp": "ref_seqlogp"},
+                mb_spec=self.mb_spec("ref"),
+            ),
+            MFCDef(
+                name="actor_train",
+                model_name="actor",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("dpo", args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids", "prompt_mask", "ref_seqlogp"),
+                mb_spec=self.mb_spec("actor"),
+            ),
+        ]

@@ -1,0 +1,110 @@
+"""GRPO: a group of answers per prompt, group-normalised advantages, no critic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realflow.api.config import field_
+from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.registry import EXPERIMENTS
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+from realflow.experiments.ppo import GenerationHyperparameters, RewardConfig
+
+
+@dataclasses.dataclass
+class GRPOHyperparameters:
+    gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
+    group_size: int = field_(4, "Answers generated per prompt (one sample holds the group).", gt=1)
+    n_minibatches: int = field_(2, "Minibatches (optimizer steps) per train step.", gt=0)
+    kl_beta: float = field_(0.04, "Weight of the KL-to-ref loss term (k3 estimator).", ge=0.0)
+    eps_clip: float = field_(0.2, "Policy ratio clip.", gt=0.0)
+    scale_by_std: bool = field_(True, "Divide group-centred scores by the group std.")
+    loss_agg: str = field_("token_mean", "Loss aggregation.", choices=("token_mean", "seq_mean"))
+    reward_output_scaling: float = field_(1.0, "Scale of the task score.")
+    mask_no_eos_with_zero: bool = field_(False, "Score 0 for answers that did not end with EOS.")
+    early_stop_imp_ratio: float = field_(
+        0.0, "Skip a minibatch when the mean ratio exceeds this (0: off).", ge=0.0
+    )
+
+
+@EXPERIMENTS.register("grpo")
+@dataclasses.dataclass
+class GRPOConfig(ExperimentConfig):
+    """GRPO on prompt-only data, built-in task by default."""
+
+    actor: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
+    )
+    ref: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
+    )
+    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="builtin:tiny"))
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.n_seqs % self.grpo.n_minibatches:
+            problems.append(
+                f"grpo.n_minibatches ({self.grpo.n_minibatches}) must divide n_seqs ({self.n_seqs})"
+            )
+        return problems
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {
+            "actor": ModelRole(self.actor, head="lm"),
+            "ref": ModelRole(self.ref, head="lm"),
+            "rew": ModelRole(self.rew, head="reward" if self.reward.needs_model() else "none"),
+        }
+
+    def mfcs(self) -> list[MFCDef]:
+        args = interface_args(self.grpo)
+        return [
+            MFCDef(
+                name="actor_gen",
+                model_name="actor",
+                interface_type=InterfaceType.GENERATE,
+                interface_impl=InterfaceSpec("grpo_actor", args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_prompts",),
+                output_keys=("packed_input_ids", "logprobs", "prompt_mask", "no_eos_mask"),
+                mb_spec=self.mb_spec("actor"),
+            ),
+            MFCDef(
+                name="rew_inf",
+                model_name="rew",
+                interface_type=InterfaceType.INFERENCE,
+                interface_impl=InterfaceSpec("reward", interface_args(self.reward)),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids", "prompt_mask"),
+                output_keys=("rewards",),
+                mb_spec=self.mb_spec("rew"),
+            ),
+            MFCDef(
+                name="ref_inf",
+                model_name="ref",
+                interface_type=InterfaceType.INFERENCE,
+                interface_impl=InterfaceSpec("grpo_actor", args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids",),
+                output_keys=("ref_logprobs",),
+                output_key_remap={"logprobs": "ref_logprobs"},
+                mb_spec=self.mb_spec("ref"),
+            ),
+            MFCDef(
+                name="actor_train",
+                model_name="actor",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("grpo_actor", args),
+                n_seqs=self.n_seqs,
+                input_keys=(
+                    "packed_input_ids",
+                    "prompt_mask",
+                    "logprobs",
+                    "ref_logprobs",
+                    "rewards",
+                    "no_eos_mask",
+                ),
+                mb_spec=self.mb_spec("actor"),
+            ),
+        ]

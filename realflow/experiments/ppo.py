@@ -1,0 +1,208 @@
+"""PPO: actor_gen -> rew_inf / ref_inf / critic_inf -> actor_train / critic_train."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realflow.api.config import field_
+from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.registry import EXPERIMENTS
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+
+
+@dataclasses.dataclass
+class GenerationHyperparameters:
+    max_new_tokens: int = field_(16, "Most tokens generated per answer.", gt=0)
+    min_new_tokens: int = field_(0, "Fewest tokens generated before EOS may end an answer.", ge=0)
+    greedy: bool = field_(False, "Greedy decoding instead of sampling.")
+    temperature: float = field_(1.0, "Sampling temperature.", gt=0.0)
+    top_k: int = field_(0, "Sample among the k likeliest tokens (0: all).", ge=0)
+    top_p: float = field_(1.0, "Nucleus sampling mass.", gt=0.0)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.min_new_tokens > self.max_new_tokens:
+            problems.append(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.top_p > 1.0:
+            problems.append(f"top_p ({self.top_p}) must be <= 1")
+        return problems
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Which scorers give the task reward, and their weights (see REWARD_SCORERS)."""
+
+    scorers: list[str] = field_(
+        ["task"],
+        "Registered reward scorers: 'task' (the built-in task's verifier), 'model' (the trained "
+        "reward model at rew.path), 'hf_classifier', 'embedding_similarity', or your own.",
+    )
+    weights: list[float] = field_([], "One weight per scorer; empty: all 1.")
+    args: dict[str, str] = field_({}, "Scorer arguments, e.g. args.hf_classifier_path=/dir.")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.scorers:
+            problems.append("scorers: name at least one reward scorer")
+        if self.weights and len(self.weights) != len(self.scorers):
+            problems.append(
+                f"weights: {len(self.weights)} weights for {len(self.scorers)} scorers {self.scorers}"
+            )
+        from realflow.api.registry import REWARD_SCORERS
+
+        problems.extend(
+            f"scorers: {REWARD_SCORERS.miss_message(s)}"
+            for s in self.scorers
+            if s not in REWARD_SCORERS
+        )
+        return problems
+
+    def needs_model(self) -> bool:
+        return "model" in self.scorers
+
+
+@dataclasses.dataclass
+class PPOHyperparameters:
+    gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
+    ppo_n_minibatches: int = field_(2, "Minibatches (optimizer steps) per train step.", gt=0)
+    kl_ctl: float = field_(0.05, "KL penalty coefficient in the reward.", ge=0.0)
+    adaptive_kl_ctl: bool = field_(False, "Adapt kl_ctl toward adaptive_kl_target.")
+    adaptive_kl_target: float = field_(6.0, "Target KL of the adaptive controller.", gt=0.0)
+    adaptive_kl_horizon: float = field_(10000.0, "Horizon of the adaptive controller.", gt=0.0)
+    discount: float = field_(1.0, "GAE gamma.", ge=0.0)
+    gae_lambda: float = field_(1.0, "GAE lambda.", ge=0.0)
+    eps_clip: float = field_(0.2, "Policy ratio clip.", gt=0.0)
+    value_eps_clip: float = field_(0.2, "Value clip around the old values.", gt=0.0)
+    max_reward_clip: float = field_(5.0, "Clip the scaled score to [-c, c].", gt=0.0)
+    reward_output_scaling: float = field_(1.0, "Scale of the task score.")
+    reward_output_bias: float = field_(0.0, "Subtracted from the task score before scaling.")
+    mask_no_eos_with_zero: bool = field_(False, "Score 0 for answers that did not end with EOS.")
+    no_eos_penalty: float = field_(0.0, "Added to the score of answers without EOS (e.g. -1).")
+    early_stop_imp_ratio: float = field_(
+        0.0, "Skip a minibatch when the mean ratio exceeds this (0: off).", ge=0.0
+    )
+    early_stop_kl: float = field_(
+        0.0, "Skip a minibatch when the approx KL exceeds this (0: off).", ge=0.0
+    )
+    use_adv_norm: bool = field_(True, "Whiten advantages over the batch.")
+    value_norm: bool = field_(False, "Normalise value targets with running statistics.")
+
+    def validate(self) -> list[str]:
+        if self.discount > 1.0 or self.gae_lambda > 1.0:
+            return [f"discount ({self.discount}) and gae_lambda ({self.gae_lambda}) must be <= 1"]
+        return []
+
+
+@EXPERIMENTS.register("ppo")
+@dataclasses.dataclass
+class PPOConfig(ExperimentConfig):
+    """PPO on prompt-only data (JSONL rows {"prompt", ...}), built-in task by default."""
+
+    actor: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
+    )
+    critic: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="builtin:reverse-sft", init_from_actor=True)
+    )
+    ref: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
+    )
+    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="builtin:tiny"))
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.n_seqs % self.ppo.ppo_n_minibatches:
+            problems.append(
+                f"ppo.ppo_n_minibatches ({self.ppo.ppo_n_minibatches}) must divide n_seqs ({self.n_seqs})"
+            )
+        return problems
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {
+            "actor": ModelRole(self.actor, head="lm"),
+            "critic": ModelRole(self.critic, head="critic"),
+            "ref": ModelRole(self.ref, head="lm"),
+            "rew": ModelRole(self.rew, head="reward" if self.reward.needs_model() else "none"),
+        }
+
+    def reward_mfc(self) -> MFCDef:
+        """The reward MFC; subclasses swap its interface to change how answers are scored."""
+        return MFCDef(
+            name="rew_inf",
+            model_name="rew",
+            interface_type=InterfaceType.INFERENCE,
+            interface_impl=InterfaceSpec("reward", interface_args(self.reward)),
+            n_seqs=self.n_seqs,
+            input_keys=("packed_input_ids", "prompt_mask"),
+            output_keys=("rewards",),
+            mb_spec=self.mb_spec("rew"),
+        )
+
+    def mfcs(self) -> list[MFCDef]:
+        actor_args = interface_args(self.ppo)
+        critic_args = interface_args(self.ppo)
+        train_inputs = (
+            "packed_input_ids",
+            "prompt_mask",
+            "logprobs",
+            "ref_logprobs",
+            "rewards",
+            "values",
+            "no_eos_mask",
+        )
+        return [
+            MFCDef(
+                name="actor_gen",
+                model_name="actor",
+                interface_type=InterfaceType.GENERATE,
+                interface_impl=InterfaceSpec("ppo_actor", actor_args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_prompts",),
+                output_keys=("packed_input_ids", "logprobs", "prompt_mask", "no_eos_mask"),
+                mb_spec=self.mb_spec("actor"),
+            ),
+            self.reward_mfc(),
+            MFCDef(
+                name="ref_inf",
+                model_name="ref",
+                interface_type=InterfaceType.INFERENCE,
+                interface_impl=InterfaceSpec("ppo_actor", actor_args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids",),
+                output_keys=("ref_logprobs",),
+                output_key_remap={"logprobs": "ref_logprobs"},
+                mb_spec=self.mb_spec("ref"),
+            ),
+            MFCDef(
+                name="critic_inf",
+                model_name="critic",
+                interface_type=InterfaceType.INFERENCE,
+                interface_impl=InterfaceSpec("ppo_critic", critic_args),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids",),
+                output_keys=("values",),
+                mb_spec=self.mb_spec("critic"),
+            ),
+            MFCDef(
+                name="actor_train",
+                model_name="actor",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("ppo_actor", actor_args),
+                n_seqs=self.n_seqs,
+                input_keys=train_inputs,
+                mb_spec=self.mb_spec("actor"),
+            ),
+            MFCDef(
+                name="critic_train",
+                model_name="critic",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("ppo_critic", critic_args),
+                n_seqs=self.n_seqs,
+                input_keys=train_inputs,
+                mb_spec=self.mb_spec("critic"),
+            ),
+        ]

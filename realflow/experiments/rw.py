@@ -1,0 +1,36 @@
+"""Reward modelling: a pairwise Bradley-Terry loss on the last-token score of each answer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.registry import EXPERIMENTS
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
+
+
+@EXPERIMENTS.register("rw")
+@dataclasses.dataclass
+class RWConfig(ExperimentConfig):
+    """Trains `rew` on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
+
+    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(init_from_actor=True))
+
+    dataset_type = "paired"
+    dataset_keys = ("packed_input_ids", "prompt_mask")
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {"rew": ModelRole(self.rew, head="reward")}
+
+    def mfcs(self) -> list[MFCDef]:
+        return [
+            MFCDef(
+                name="rew_train",
+                model_name="rew",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("paired_rw"),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids", "prompt_mask"),
+                mb_spec=self.mb_spec("rew"),
+            )
+        ]

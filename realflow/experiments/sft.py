@@ -1,0 +1,36 @@
+"""Supervised fine-tuning: one train_step MFC on the actor, loss on answer tokens only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.registry import EXPERIMENTS
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
+
+
+@EXPERIMENTS.register("sft")
+@dataclasses.dataclass
+class SFTConfig(ExperimentConfig):
+    """SFT on prompt-answer data (JSONL rows {"prompt", "answer"})."""
+
+    actor: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    dataset_type = "prompt_answer"
+    dataset_keys = ("packed_input_ids", "prompt_mask")
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {"actor": ModelRole(self.actor, head="lm")}
+
+    def mfcs(self) -> list[MFCDef]:
+        return [
+            MFCDef(
+                name="actor_train",
+                model_name="actor",
+                interface_type=InterfaceType.TRAIN_STEP,
+                interface_impl=InterfaceSpec("sft"),
+                n_seqs=self.n_seqs,
+                input_keys=("packed_input_ids", "prompt_mask"),
+                mb_spec=self.mb_spec("actor"),
+            )
+        ]
