@@ -122,3 +122,13 @@ def test_split_critic_values_and_last_token():
     v_t1, boot = split_critic_values(values, cu, torch.tensor([False, True, True]))
     assert v_t1.tolist() == [0.0, 1.0, 3.0, 5.0, 6.0, 7.0]
     assert boot.tolist() == [0.0, 4.0, 8.0]
+
+
+def test_gather_packed_logprobs_bf16_logits_give_float32():
+    lens = [4, 3]
+    logits = torch.randn(7, 13).to(torch.bfloat16)
+    ids = torch.randint(0, 13, (7,))
+    got = gather_packed_logprobs(logits, ids, cu_seqlens_from_lens(lens))
+    assert got.dtype == torch.float32
+    want = ref_logprobs(logits.float().tolist(), ids.tolist(), lens, 1.0)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
