@@ -1,0 +1,420 @@
+"""Train and inference engines: the machinery under an interface.
+
+A `TrainEngine` owns one optimizer step at a time: gradient accumulation over a variable number
+of micro-batches with exact loss weighting, gradient clipping, the LR schedule, bf16 and the
+data-parallel gradient average. What differs between backends (plain torch AdamW, deepspeed
+ZeRO) lives in a small backend object it composes (`TorchBackend` here, `DeepSpeedBackend` in
+`deepspeed_engine.py`); everything else is shared.
+
+    engine = build_train_engine(module, EngineConfig(), OptimizerConfig(lr=1e-4), total_train_steps=100)
+    stats = engine.train_batch(micro_batches, loss_fn, loss_weight_fn=lambda mb: mb.total_tokens("ids"))
+
+`loss_fn(module, mb) -> (loss, stats)` computes the loss of one micro-batch as a mean over that
+micro-batch (e.g. a token mean); the engine scales micro-batch i by `w_i / sum_j w_j` with
+`w_i = loss_weight_fn(mb_i)`, so the accumulated gradient is the gradient of the mean over the
+whole batch however it was split. With data parallelism the weights are summed over the dp group
+and gradients are averaged over it, so the result is the mean over the global batch.
+
+Engines work on any `nn.Module`. Data placement is the caller's: `loss_fn` moves the
+micro-batch to `engine.device`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from realflow.api.data import SequenceSample
+from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.schedule import lr_at
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LossFn = Callable[[nn.Module, SequenceSample], tuple[torch.Tensor, dict[str, float]]]
+LossWeightFn = Callable[[SequenceSample], float]
+
+
+class EngineError(ValueError):
+    """A misuse of an engine: bad configs, empty batches, a state dict of another backend."""
+
+
+# ---- helpers shared by the backends ------------------------------------------------------------
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (CPU for a module without parameters)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when enabled, else a null context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def dp_world(dp_group: Any) -> tuple[bool, int]:
+    """(whether there is a data-parallel group to talk to, its size)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, 1
+    size = dist.get_world_size(group=dp_group)
+    return size > 1, size
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (ndim >= 2), none on biases and norm weights."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_adamw(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """The AdamW every backend uses (deepspeed gets it as a client optimizer)."""
+    return torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
+
+
+def clone_state(obj: Any) -> Any:
+    """A copy of a (nested dict / list / tuple) state whose tensors are detached clones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, clone_state(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_state(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _weighted_mean(values: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Per-key weighted mean over the micro-batches that report the key."""
+    sums: dict[str, float] = {}
+    norms: dict[str, float] = {}
+    for stats, w in zip(values, weights):
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + w * float(v)
+            norms[k] = norms.get(k, 0.0) + w
+    return {k: sums[k] / norms[k] if norms[k] > 0 else math.nan for k in sums}
+
+
+# ---- backends ----------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What a TrainEngine needs from a backend."""
+
+    module: nn.Module  # the unwrapped module
+    call_module: nn.Module  # what loss_fn and forward_no_grad receive (may wrap `module`)
+    device: torch.device
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, lr: float) -> float:
+        """Apply the accumulated gradients at `lr`, zero them, return the pre-clip grad norm."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class TorchBackend:
+    """Plain torch: AdamW, `clip_grad_norm_`, bf16 autocast, a manual dp gradient average."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        engine_cfg: EngineConfig,
+        optim_cfg: OptimizerConfig,
+        dp_group: Any = None,
+    ):
+        self.module = self.call_module = module
+        self.device = module_device(module)
+        self.bf16 = engine_cfg.bf16
+        self.clip = optim_cfg.gradient_clipping
+        self.dp_group = dp_group
+        self.optimizer = make_adamw(module, optim_cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        self._average_gradients()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.clip if self.clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _average_gradients(self) -> None:
+        active, size = dp_world(self.dp_group)
+        if not active:
+            return
+        grads = []
+        for p in self.params:
+            if p.grad is None:  # every rank must reduce the same tensors
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat.div_(size)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+# ---- engines -----------------------------------------------------------------------------------
+
+
+class TrainEngine:
+    """One model being trained: `train_batch` is one optimizer step. See the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        engine_cfg: EngineConfig,
+        optim_cfg: OptimizerConfig,
+        total_train_steps: int,
+        dp_group: Any = None,
+    ):
+        self.backend = backend
+        self.engine_cfg = engine_cfg
+        self.optim_cfg = optim_cfg
+        self.total_train_steps = total_train_steps
+        self.dp_group = dp_group
+        self.step = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped module (for saving and generation)."""
+        return self.backend.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return lr_at(self.optim_cfg, self.step, self.total_train_steps)
+
+    def train_batch(
+        self,
+        micro_batches: list[SequenceSample],
+        loss_fn: LossFn,
+        loss_weight_fn: LossWeightFn,
+    ) -> dict[str, float]:
+        """One optimizer step over `micro_batches` (gradient accumulation, clipping, LR step).
+
+        Returns `loss` (the weighted mean of the micro-batch losses), `grad_norm` (before
+        clipping), `lr` (used by this step), and every stat of `loss_fn` averaged with the same
+        weights. Losses and stats are this rank's; gradients are averaged over the dp group.
+        """
+        if not micro_batches:
+            raise EngineError("train_batch needs at least one micro-batch, got none")
+        weights = [float(loss_weight_fn(mb)) for mb in micro_batches]
+        if any(w < 0 or not math.isfinite(w) for w in weights):
+            raise EngineError(f"loss weights must be finite and >= 0, got {weights}")
+        total, dp_size = self._global_weight(sum(weights))
+        if total <= 0:
+            raise EngineError(f"loss weights sum to {total} over the dp group; need > 0")
+        self.module.train()
+        losses, all_stats = [], []
+        for mb, w in zip(micro_batches, weights):
+            with self.backend.autocast():
+                loss, stats = loss_fn(self.backend.call_module, mb)
+            self.backend.backward(loss * (w * dp_size / total))
+            losses.append({"loss": float(loss.detach())})
+            all_stats.append(stats)
+        lr = self.lr
+        grad_norm = self.backend.step(lr)
+        self.step += 1
+        out = _weighted_mean(all_stats, weights)
+        out.update(_weighted_mean(losses, weights))
+        out.update(grad_norm=grad_norm, lr=lr)
+        return out
+
+    def _global_weight(self, local: float) -> tuple[float, int]:
+        """The sum of loss weights over the dp group, and the group's size."""
+        active, size = dp_world(self.dp_group)
+        if not active:
+            return local, 1
+        t = torch.tensor([local], dtype=torch.float64)
+        if dist.get_backend(self.dp_group) == "nccl":
+            t = t.to(self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return float(t.item()), size
+
+    def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
+        """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
+        with _eval_mode(self.module), torch.no_grad(), self.backend.autocast():
+            return fn(self.backend.call_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state, LR schedule position and step counter, for exact resume.
+
+        The weights are not included: save `module_state_dict()` separately and load them into
+        the module *before* building the engine that resumes. The returned tensors are copies.
+        With deepspeed ZeRO and a dp group of several ranks, this is this rank's partition.
+        """
+        return clone_state(
+            {
+                "backend": self.engine_cfg.backend,
+                "step": self.step,
+                "total_train_steps": self.total_train_steps,
+                "backend_state": self.backend.state_dict(),
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned (from an engine with the same config)."""
+        if state["backend"] != self.engine_cfg.backend:
+            raise EngineError(
+                f"state dict of backend {state['backend']!r} cannot load into backend "
+                f"{self.engine_cfg.backend!r}"
+            )
+        if state["total_train_steps"] != self.total_train_steps:
+            logger.warning(
+                "resuming with total_train_steps %d (saved with %d): the LR schedule changes",
+                self.total_train_steps,
+                state["total_train_steps"],
+            )
+        self.backend.load_state_dict(clone_state(state["backend_state"]))
+        self.step = int(state["step"])
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights of the module (gathered under ZeRO-3), for saving."""
+        return self.backend.module_state_dict()
+
+    def offload(self) -> None:
+        """Offloading a trained model's weights and optimizer state is not implemented: no-op."""
+        logger.info("offload of a trained model (%s) is a no-op", type(self.module).__name__)
+
+    def onload(self) -> None:
+        """Counterpart of `offload`: no-op."""
+        logger.info("onload of a trained model (%s) is a no-op", type(self.module).__name__)
+
+
+class InferenceEngine:
+    """A model that is never trained: `forward_no_grad`, and offload of idle weights to CPU
+    between calls when `engine_cfg.offload` is set and the module is on an accelerator."""
+
+    def __init__(self, module: nn.Module, engine_cfg: EngineConfig):
+        problems = engine_cfg.validate()
+        if problems:
+            raise EngineError("invalid engine config: " + "; ".join(problems))
+        self.module = module
+        self.engine_cfg = engine_cfg
+        self.device = module_device(module)
+        self._offloaded = False
+
+    def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
+        """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
+        if self._offloaded:
+            self.onload()
+        with _eval_mode(self.module), torch.no_grad():
+            with autocast(self.device, self.engine_cfg.bf16):
+                return fn(self.module)
+
+    def offload(self) -> None:
+        """Move the weights to CPU until the next call (a logged no-op on CPU or when off)."""
+        if not self.engine_cfg.offload or self.device.type == "cpu":
+            logger.info(
+                "offload of %s is a no-op (device %s)", type(self.module).__name__, self.device
+            )
+            return
+        self.module.to("cpu")
+        self._offloaded = True
+
+    def onload(self) -> None:
+        """Move offloaded weights back to the module's device."""
+        if not self._offloaded:
+            logger.info(
+                "onload of %s is a no-op (device %s)", type(self.module).__name__, self.device
+            )
+            return
+        self.module.to(self.device)
+        self._offloaded = False
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def build_train_engine(
+    module: nn.Module,
+    engine_cfg: EngineConfig,
+    optim_cfg: OptimizerConfig,
+    total_train_steps: int,
+    dp_group: Any = None,
+) -> TrainEngine:
+    """Build the engine of a trained model.
+
+    `module` holds the initial (or resumed) weights. `dp_group` is the torch.distributed group of
+    the ranks that hold replicas of this model (None: the world, when torch.distributed is
+    initialised; no data parallelism otherwise).
+    """
+    problems = [*engine_cfg.validate(), *optim_cfg.validate()]
+    if total_train_steps <= 0:
+        problems.append(f"total_train_steps ({total_train_steps}) must be positive")
+    if problems:
+        raise EngineError("invalid engine config: " + "; ".join(problems))
+    n_params = sum(p.numel() for p in module.parameters())
+    backend: Backend
+    if engine_cfg.backend == "torch":
+        backend = TorchBackend(module, engine_cfg, optim_cfg, dp_group)
+    else:
+        from realflow.engines.deepspeed_engine import DeepSpeedBackend
+
+        backend = DeepSpeedBackend(module, engine_cfg, optim_cfg, dp_group)
+    logger.info(
+        "built %s train engine for %s (%d parameters)",
+        engine_cfg.backend,
+        type(module).__name__,
+        n_params,
+    )
+    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group)
