@@ -1,0 +1,317 @@
+"""Load and save realflow models as plain HF checkpoint directories.
+
+    model, tokenizer = load_hf("ckpt/actor", head="lm", dtype=torch.float32)
+    critic, _ = init_from_actor("ckpt/actor", head="critic", seed=1)   # fresh value head
+    save_hf(model, "runs/x/checkpoints/actor", tokenizer=tokenizer)
+
+A saved directory (config.json, safetensors, tokenizer) loads in transformers as
+`*ForCausalLM` (lm), `*ForTokenClassification` (critic) or `*ForSequenceClassification` (reward),
+each with num_labels=1, and gives the same logits / values / scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from realflow.models.config import TransformerConfig
+from realflow.models.families.base import StateDict, check_head, family_for_config, family_for_hf_config
+from realflow.models.transformer import PackedTransformer
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# Keys of an HF config.json that describe a head or a saved file, not the architecture.
+_HEAD_KEYS = (
+    "architectures", "id2label", "label2id", "num_labels", "problem_type",
+    "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+)  # fmt: skip
+
+
+class LoadedHF(NamedTuple):
+    model: PackedTransformer
+    tokenizer: Any | None
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """config.json of an HF directory as a dict."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{path} is not an HF checkpoint directory: no config.json")
+    return json.loads(file.read_text())
+
+
+def config_from_hf_dir(path: str | os.PathLike) -> TransformerConfig:
+    """The realflow config of an HF checkpoint directory (its family found from config.json)."""
+    hf = read_hf_config(path)
+    return family_for_hf_config(hf).config_from_hf(hf)
+
+
+def read_hf_state_dict(path: str | os.PathLike) -> StateDict:
+    """All tensors of an HF directory: safetensors (single or sharded) or pytorch_model*.bin."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / SAFE_INDEX).is_file():
+        shards = sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (path / BIN_INDEX).is_file():
+        shards = sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values()))
+        sd: StateDict = {}
+        for shard in shards:
+            sd.update(torch.load(path / shard, map_location="cpu", weights_only=True))
+        return sd
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise ValueError(
+        f"no weights in {path}: expected model.safetensors, {SAFE_INDEX}, pytorch_model.bin or "
+        f"{BIN_INDEX}; found {found}"
+    )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict) -> torch.dtype:
+    if dtype is None:
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
+        return resolved
+    return dtype
+
+
+def load_hf(
+    path: str | os.PathLike,
+    head: str = "lm",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    head_init_seed: int | None = None,
+    load_tokenizer: bool = True,
+    **config_overrides,
+) -> LoadedHF:
+    """A PackedTransformer (and the tokenizer, when the directory has one) from an HF directory.
+
+    `dtype` defaults to the checkpoint's dtype (float32 when unrecorded). Head parameters the
+    checkpoint lacks (a critic loaded from an actor) are an error unless `head_init_seed` is
+    given, which initialises them deterministically. `config_overrides` set run options such as
+    `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
+    """
+    check_head(head)
+    hf = read_hf_config(path)
+    family = family_for_hf_config(hf)
+    config = family.config_from_hf(hf)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    dtype = _resolve_dtype(dtype, hf)
+    sd = family.state_dict_from_hf(read_hf_state_dict(path), config, head)
+    model = _build_with_state(config, head, sd, dtype, torch.device(device), head_init_seed, path)
+    tokenizer = load_tokenizer_if_present(path) if load_tokenizer else None
+    logger.info("loaded %s (%s, head=%s, %s) from %s", family.name, config.family, head, dtype, path)
+    return LoadedHF(model, tokenizer)
+
+
+def init_from_actor(
+    path: str | os.PathLike,
+    head: str = "critic",
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    **config_overrides,
+) -> LoadedHF:
+    """A critic or reward model whose body comes from a causal-LM checkpoint and whose head is
+    freshly initialised from `seed` (weights ~ N(0, initializer_range), bias 0)."""
+    if head == "lm":
+        raise ValueError("init_from_actor builds a critic or reward model; use load_hf for head='lm'")
+    return load_hf(path, head, dtype, device, head_init_seed=seed, **config_overrides)
+
+
+def _build_with_state(
+    config: TransformerConfig,
+    head: str,
+    sd: StateDict,
+    dtype: torch.dtype,
+    device: torch.device,
+    head_init_seed: int | None,
+    path: Any,
+) -> PackedTransformer:
+    """Build on the meta device, then assign the checkpoint tensors (no wasted random init)."""
+    with torch.device("meta"):
+        model = PackedTransformer(config, head)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    if config.tie_word_embeddings and "lm_head.weight" in expected and "embed_tokens.weight" in sd:
+        sd = {**sd, "lm_head.weight": sd["embed_tokens.weight"]}
+    missing = [k for k in expected if k not in sd]
+    head_names = set(model.parameter_groups()["head"])
+    if missing and (head_init_seed is None or not set(missing) <= head_names):
+        hint = (
+            " (the checkpoint has no weights for this head: use init_from_actor or head_init_seed)"
+            if set(missing) <= head_names
+            else ""
+        )
+        raise ValueError(f"checkpoint {path} is missing parameters {missing[:10]}{hint}")
+    gen = torch.Generator().manual_seed(head_init_seed) if missing else None
+    for name in missing:
+        shape = expected[name].shape
+        if name.endswith("bias"):
+            sd[name] = torch.zeros(shape)
+        else:
+            sd[name] = torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen)
+        logger.info("initialised %s %s from seed %d", name, tuple(shape), head_init_seed)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
+    """`transformers.AutoTokenizer` of the directory, or None when it holds no tokenizer files."""
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+def hf_config_for(model: PackedTransformer, dtype: torch.dtype, tokenizer: Any | None = None) -> dict:
+    """The config.json dict that makes transformers build the same model with the same head."""
+    config, head = model.config, model.head
+    family = family_for_config(config)
+    hf = {k: v for k, v in config.extra_hf.items() if k not in _HEAD_KEYS}
+    hf.update(family.config_to_hf(config))
+    hf["architectures"] = [family.architectures[head]]
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    if head != "lm":
+        hf["id2label"] = {"0": "LABEL_0"}
+        hf["label2id"] = {"LABEL_0": 0}
+    if head == "reward":
+        if hf.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
+            hf["pad_token_id"] = tokenizer.pad_token_id
+        pad = hf.get("pad_token_id")
+        if pad is None:
+            logger.warning(
+                "saving a reward model without pad_token_id: HF *ForSequenceClassification can "
+                "then only score batches of one sequence"
+            )
+        elif pad in config.eos_token_ids:
+            logger.warning(
+                "reward model pad_token_id (%d) is an EOS id: HF reads the score at the last "
+                "non-pad token, realflow at the last token; they differ for sequences ending in EOS",
+                pad,
+            )
+    return hf
+
+
+def save_hf(
+    model: PackedTransformer,
+    path: str | os.PathLike,
+    tokenizer: Any | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write `model` (and `tokenizer`) as an HF directory at `path`; returns the path.
+
+    Everything is written into a temporary sibling directory first and renamed into place, so a
+    failure never leaves half a checkpoint. An existing HF checkpoint (or empty directory) at
+    `path` is replaced; any other existing non-empty directory or file is an error.
+    """
+    if not isinstance(model, PackedTransformer):
+        raise TypeError(f"save_hf needs a PackedTransformer, got {type(model).__name__}")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained") and not hasattr(tokenizer, "save"):
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither save_pretrained nor save")
+    path = Path(path)
+    _check_target(path)
+    params = dict(model.named_parameters())
+    dtype = _resolve_dtype(dtype, {"dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")})
+    family = family_for_config(model.config)
+    hf_config = hf_config_for(model, dtype, tokenizer)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_sd = family.state_dict_to_hf(sd, model.config, model.head)
+    bad = [k for k, v in hf_sd.items() if not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"non-floating parameters cannot be saved: {bad[:5]}")
+    hf_sd = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in hf_sd.items()}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if model.head == "lm":
+            gen = {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_safetensors(hf_sd, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(tmp))
+            else:
+                tokenizer.save(str(tmp / "tokenizer.json"))
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %s (head=%s, %s) to %s", family.name, model.head, dtype, path)
+    return path
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise ValueError(
+            f"cannot save a checkpoint to {path}: it is a non-empty directory that is not an HF "
+            "checkpoint (refusing to replace it)"
+        )
+
+
+def _write_safetensors(hf_sd: StateDict, out: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[StateDict] = [{}]
+    size = 0
+    for name, t in hf_sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is moved aside first and deleted after."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
