@@ -1,0 +1,57 @@
+from realflow.api.config import validate
+from realflow.engines import EngineConfig, OptimizerConfig
+
+
+def test_defaults_are_valid():
+    assert OptimizerConfig().validate() == []
+    assert EngineConfig().validate() == []
+    assert validate(OptimizerConfig()) == [] and validate(EngineConfig()) == []
+
+
+def test_optimizer_messages_name_field_and_value():
+    cfg = OptimizerConfig(
+        lr=-1.0,
+        weight_decay=-0.1,
+        beta1=1.0,
+        beta2=-0.5,
+        eps=0.0,
+        lr_scheduler_type="cosin",
+        warmup_steps_proportion=1.5,
+        min_lr_ratio=2.0,
+        gradient_clipping=-1.0,
+    )
+    errors = cfg.validate()
+    assert "lr (-1.0) must be positive" in errors
+    assert "weight_decay (-0.1) must be >= 0" in errors
+    assert "beta1 (1.0) must be in [0, 1)" in errors
+    assert "beta2 (-0.5) must be in [0, 1)" in errors
+    assert "eps (0.0) must be positive" in errors
+    assert (
+        "lr_scheduler_type 'cosin' unknown; known: constant, cosine, linear "
+        "(did you mean 'cosine'?)" in errors
+    )
+    assert "warmup_steps_proportion (1.5) must be in [0, 1]" in errors
+    assert "min_lr_ratio (2.0) must be in [0, 1]" in errors
+    assert any(e.startswith("gradient_clipping (-1.0) must be >= 0") for e in errors)
+    assert len(errors) == 9
+
+
+def test_nan_lr_is_an_error():
+    assert OptimizerConfig(lr=float("nan")).validate() == ["lr (nan) must be positive"]
+
+
+def test_engine_messages():
+    errors = EngineConfig(backend="deepspeeed", zero_stage=4).validate()
+    assert errors == [
+        "backend 'deepspeeed' unknown; known: torch, deepspeed (did you mean 'deepspeed'?)",
+        "zero_stage (4) must be 0, 1, 2 or 3",
+    ]
+    assert EngineConfig(backend="jax").validate() == [
+        "backend 'jax' unknown; known: torch, deepspeed"
+    ]
+    assert EngineConfig(zero_stage=True).validate() == ["zero_stage (True) must be 0, 1, 2 or 3"]
+
+
+def test_config_layer_prefixes_paths():
+    problems = validate(EngineConfig(zero_stage=5), prefix="actor.engine.")
+    assert problems == ["actor.engine.zero_stage (5) must be 0, 1, 2 or 3"]
