@@ -110,7 +110,7 @@ class PackedTransformer(nn.Module):
 
     def forward(self, input_ids_T: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
         """`logits_TV` (head lm), `values_T` (critic) or `scores_B` (reward)."""
-        seqs = _check_packed(input_ids_T, cu_seqlens_B1, self.config)
+        seqs = check_packed(input_ids_T, cu_seqlens_B1, self.config)
         with self.autocast():
             h_TD = self.hidden_states(input_ids_T, seqs)
             if self.head == "lm":
@@ -154,7 +154,7 @@ class PackedTransformer(nn.Module):
         return {n: everything[n] for n in names}
 
 
-def _check_packed(
+def check_packed(
     input_ids_T: torch.Tensor, cu_seqlens_B1: torch.Tensor, cfg: TransformerConfig
 ) -> PackedSeqs:
     """Validate a packed batch and return its boundaries."""

@@ -1,0 +1,219 @@
+"""Generation over a packed batch of prompts with a per-sequence KV cache.
+
+    out = generate(model, prompt_ids_T, prompt_cu_seqlens_B1, GenerationConfig(max_new_tokens=64),
+                   generator=torch.Generator().manual_seed(0))
+    out.output_ids_T, out.output_cu_seqlens_B1, out.logprobs_T, out.no_eos_mask_B
+
+The prompts run as one packed prefill (no padding). Each decode step batches the still-active
+sequences only: a sequence that emits EOS / a stop token (or reaches max_new_tokens) leaves the
+batch and its cache row is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from realflow.models.attention import PackedSeqs
+from realflow.models.kv_cache import KVCache
+from realflow.models.transformer import PackedTransformer, check_packed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick new tokens and when to stop.
+
+    `greedy` ignores temperature/top_k/top_p. `top_k=0` and `top_p=1.0` disable those filters.
+    A sequence stops at any of `eos_token_ids` (None: the model config's eos_token_id) or
+    `stop_token_ids` once it has `min_new_tokens`, and always at `max_new_tokens`.
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_ids: list[int] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            errors.append(
+                f"min_new_tokens ({self.min_new_tokens}) must be in [0, max_new_tokens ({self.max_new_tokens})]"
+            )
+        if self.temperature <= 0:
+            errors.append(f"temperature ({self.temperature}) must be > 0 (use greedy=True)")
+        if self.top_k < 0:
+            errors.append(f"top_k ({self.top_k}) must be >= 0")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p ({self.top_p}) must be in (0, 1]")
+        if errors:
+            raise ValueError("invalid GenerationConfig: " + "; ".join(errors))
+
+
+@dataclass
+class GenerationOutput:
+    """Generated tokens of B sequences, packed.
+
+    - `output_ids_T`: new tokens (EOS / stop token included), sequences concatenated.
+    - `output_cu_seqlens_B1` (int32, B+1) and `output_lens_B`: where each sequence's tokens are.
+    - `logprobs_T` (float32): log-probability of each token under the distribution it was drawn
+      from (after temperature / top-k / top-p; the plain softmax when greedy).
+    - `no_eos_mask_B` (bool): True where the sequence stopped at max_new_tokens without EOS or a
+      stop token.
+    """
+
+    output_ids_T: torch.Tensor
+    output_cu_seqlens_B1: torch.Tensor
+    output_lens_B: torch.Tensor
+    logprobs_T: torch.Tensor
+    no_eos_mask_B: torch.Tensor
+
+    def with_prompts(self, prompt_ids_T: torch.Tensor, prompt_cu_seqlens_B1: torch.Tensor):
+        """(ids_T, cu_seqlens_B1, prompt_mask_T): prompts and answers packed per sequence."""
+        ids, mask, lens = [], [], []
+        for b in range(self.output_lens_B.numel()):
+            p = prompt_ids_T[prompt_cu_seqlens_B1[b] : prompt_cu_seqlens_B1[b + 1]]
+            a = self.output_ids_T[self.output_cu_seqlens_B1[b] : self.output_cu_seqlens_B1[b + 1]]
+            ids += [p, a.to(p.device)]
+            mask += [torch.ones_like(p, dtype=torch.bool), torch.zeros_like(a, dtype=torch.bool)]
+            lens.append(p.numel() + a.numel())
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens).cumsum(0)
+        return torch.cat(ids), cu, torch.cat(mask).to(prompt_ids_T.device)
+
+
+def process_logits(logits_BV: torch.Tensor, gconfig: GenerationConfig) -> torch.Tensor:
+    """Logits of the distribution to sample from: temperature, then top-k, then top-p (fp32)."""
+    logits = logits_BV.float()
+    if gconfig.greedy:
+        return logits
+    if gconfig.temperature != 1.0:
+        logits = logits / gconfig.temperature
+    if 0 < gconfig.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, gconfig.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gconfig.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= gconfig.top_p  # the first token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits_BV: torch.Tensor, gconfig: GenerationConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_B, logprobs_B) drawn from `process_logits(logits_BV)`."""
+    logp_BV = torch.log_softmax(process_logits(logits_BV, gconfig), dim=-1)
+    if gconfig.greedy:
+        tokens_B = logp_BV.argmax(-1)
+    else:
+        tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: PackedTransformer,
+    input_ids_T: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    gconfig: GenerationConfig,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Continue every packed prompt; see the module docstring. Deterministic under `generator`."""
+    if model.head != "lm":
+        raise ValueError(f"generate needs a model with head 'lm', got {model.head!r}")
+    cfg = model.config
+    seqs = check_packed(input_ids_T, cu_seqlens_B1, cfg)
+    max_len = seqs.max_seqlen + gconfig.max_new_tokens
+    if cfg.position == "learned" and max_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({seqs.max_seqlen}) + max_new_tokens ({gconfig.max_new_tokens}) exceeds "
+            f"max_position_embeddings ({cfg.max_position_embeddings})"
+        )
+    eos = cfg.eos_token_ids if gconfig.eos_token_ids is None else list(gconfig.eos_token_ids)
+    device = input_ids_T.device
+    stop_ids = torch.tensor(sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long)
+    b = len(seqs.seqlens)
+    cache = KVCache(cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device)
+    was_training = model.training
+    model.eval()
+    try:
+        with model.autocast():
+            tokens_BN, logprobs_BN, lens_B, stopped_B = _decode_loop(
+                model, input_ids_T, seqs, cache, gconfig, stop_ids, generator
+            )
+    finally:
+        model.train(was_training)
+    keep_BN = torch.arange(gconfig.max_new_tokens, device=device)[None, :] < lens_B[:, None]
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=device)
+    cu[1:] = lens_B.cumsum(0)
+    return GenerationOutput(
+        output_ids_T=tokens_BN[keep_BN],
+        output_cu_seqlens_B1=cu,
+        output_lens_B=lens_B,
+        logprobs_T=logprobs_BN[keep_BN],
+        no_eos_mask_B=~stopped_B,
+    )
+
+
+def _cache_dtype(model: PackedTransformer) -> torch.dtype:
+    if model.config.autocast_dtype is not None:
+        return getattr(torch, model.config.autocast_dtype)
+    return model.embed_tokens.weight.dtype
+
+
+def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
+    """Prefill, then one batched step per new token over the active rows only.
+
+    Returns tokens_BN, logprobs_BN (N = max_new_tokens, valid up to lens_B), lens_B, stopped_B.
+    """
+    device = input_ids_T.device
+    b, n_new = len(seqs.seqlens), gconfig.max_new_tokens
+    tokens_BN = torch.zeros(b, n_new, dtype=torch.long, device=device)
+    logprobs_BN = torch.zeros(b, n_new, dtype=torch.float32, device=device)
+    lens_B = torch.zeros(b, dtype=torch.long, device=device)
+    stopped_B = torch.zeros(b, dtype=torch.bool, device=device)
+
+    positions_T = seqs.position_ids_T()
+    cache.start_prefill(seqs, positions_T)
+    h_TD = model.hidden_states(input_ids_T, seqs, positions_T, cache=cache)
+    logits_BV = model.lm_head(h_TD[seqs.cu_seqlens_B1[1:].long() - 1])
+    active_B = torch.arange(b, device=device)  # original index of each active row
+    step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
+    for step in range(n_new):
+        if step < gconfig.min_new_tokens and stop_ids.numel():
+            logits_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
+        tok_B, logp_B = sample_tokens(logits_BV, gconfig, generator)
+        tokens_BN[active_B, step] = tok_B
+        logprobs_BN[active_B, step] = logp_B
+        lens_B[active_B] += 1
+        is_stop_B = torch.isin(tok_B, stop_ids)
+        stopped_B[active_B] = is_stop_B
+        if step + 1 == n_new:
+            break
+        if bool(is_stop_B.any()):
+            keep = (~is_stop_B).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            active_B, tok_B = active_B[keep], tok_B[keep]
+            cache.keep(keep)
+        n_act = active_B.numel()
+        if n_act != len(step_seqs.seqlens):
+            step_seqs = PackedSeqs(step_seqs.cu_seqlens_B1[: n_act + 1], [1] * n_act, 1)
+        positions_B = cache.start_decode_step()
+        h_BD = model.hidden_states(tok_B, step_seqs, positions_B, cache=cache)
+        cache.end_decode_step()
+        logits_BV = model.lm_head(h_BD)
+    return tokens_BN, logprobs_BN, lens_B, stopped_B

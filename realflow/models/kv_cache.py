@@ -1,0 +1,110 @@
+"""A preallocated per-sequence KV cache for generating over a packed batch.
+
+Layout: `k`, `v` of shape (n_layers, B, K, L_max, D); row b holds sequence b's keys in slots
+0..lens_B[b]-1. Prefill writes the packed prompt keys straight into their rows (the prompt is
+never padded in compute); each decode step writes one slot per active row and attends over the
+first `max(lens)+1` slots with a per-row length mask. Finished rows are dropped by compacting the
+active rows to the front (`keep`), so later steps neither compute nor attend for them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from realflow.models.attention import PackedSeqs, decode_attention
+
+
+class KVCache:
+    """Keys/values of every layer for a batch of sequences being generated."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_rows = batch
+        self.max_len = max_len
+        self.lens_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self._max_used = 0
+        self.decoding = False
+        self._prefill_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mask_B11L: torch.Tensor | None = None
+        self._rows_B: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------ prefill
+
+    def start_prefill(self, seqs: PackedSeqs, position_ids_T: torch.Tensor) -> None:
+        """Prepare to store a packed prompt batch (one row per sequence, B == n_rows)."""
+        if len(seqs.seqlens) != self.n_rows or seqs.max_seqlen > self.max_len:
+            raise ValueError(
+                f"prefill of {len(seqs.seqlens)} sequences (longest {seqs.max_seqlen}) does not fit "
+                f"a cache of {self.n_rows} rows x {self.max_len} slots"
+            )
+        device = self.lens_B.device
+        lens = torch.tensor(seqs.seqlens, device=device)
+        row_T = torch.repeat_interleave(torch.arange(self.n_rows, device=device), lens)
+        self._prefill_index = (row_T, position_ids_T)
+        self.lens_B = lens.clone()
+        self._max_used = seqs.max_seqlen
+        self.decoding = False
+
+    def store_prefill(self, layer: int, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> None:
+        row_T, pos_T = self._prefill_index
+        self._k[layer][row_T, :, pos_T] = k_TKD.to(self._k.dtype)
+        self._v[layer][row_T, :, pos_T] = v_TKD.to(self._v.dtype)
+
+    # ------------------------------------------------------------------------------- decode
+
+    def start_decode_step(self) -> torch.Tensor:
+        """Begin a step that appends one token per active row; returns its positions (B,)."""
+        if self._max_used + 1 > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} slots)")
+        self.decoding = True
+        length = self._max_used + 1
+        slots = torch.arange(length, device=self.lens_B.device)
+        self._mask_B11L = (slots[None, :] <= self.lens_B[:, None])[:, None, None, :]
+        self._rows_B = torch.arange(self.n_rows, device=self.lens_B.device)
+        return self.lens_B
+
+    def attend_decode(
+        self, layer: int, q_BHD: torch.Tensor, k_BKD: torch.Tensor, v_BKD: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Store this step's key/value of every active row and attend over its row; `out_BHD`."""
+        k_cache = self._k[layer, : self.n_rows]
+        v_cache = self._v[layer, : self.n_rows]
+        k_cache[self._rows_B, :, self.lens_B] = k_BKD.to(k_cache.dtype)
+        v_cache[self._rows_B, :, self.lens_B] = v_BKD.to(v_cache.dtype)
+        length = self._max_used + 1
+        return decode_attention(
+            q_BHD,
+            k_cache[:, :, :length],
+            v_cache[:, :, :length],
+            self._mask_B11L,
+            scale,
+        ).to(q_BHD.dtype)
+
+    def end_decode_step(self) -> None:
+        self.lens_B = self.lens_B + 1
+        self._max_used += 1
+
+    def keep(self, rows_N: torch.Tensor) -> None:
+        """Keep only the rows `rows_N` (ascending indices), moved to the front of the cache."""
+        n = rows_N.numel()
+        used = self._max_used
+        if n:
+            self._k[:, :n, :, :used] = self._k[:, rows_N, :, :used]
+            self._v[:, :n, :, :used] = self._v[:, rows_N, :, :used]
+            self.lens_B = self.lens_B[rows_N]
+            self._max_used = int(self.lens_B.max())
+        self.n_rows = n
+
+    def nbytes(self) -> int:
+        return 2 * self._k.numel() * self._k.element_size()
