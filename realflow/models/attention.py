@@ -109,7 +109,12 @@ def _sdpa(q_BHLD, k_BKLD, v_BKLD, scale, mask=None) -> torch.Tensor:
 
 def _sdpa_varlen(q_THD, k_TKD, v_TKD, seqs: PackedSeqs, scale: float) -> torch.Tensor:
     if len(seqs.seqlens) == 1:
-        out = _sdpa(q_THD.transpose(0, 1)[None], k_TKD.transpose(0, 1)[None], v_TKD.transpose(0, 1)[None], scale)
+        out = _sdpa(
+            q_THD.transpose(0, 1)[None],
+            k_TKD.transpose(0, 1)[None],
+            v_TKD.transpose(0, 1)[None],
+            scale,
+        )
         return out[0].transpose(0, 1)
     outs = []
     start = 0

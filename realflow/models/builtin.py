@@ -1,7 +1,7 @@
 """Tiny built-in model configs by name, so other layers can build a random-init model without files.
 
-    cfg = builtin_config("tiny-llama", vocab_size=len(tokenizer))
-    model = PackedTransformer(cfg, head="lm")
+cfg = builtin_config("tiny-llama", vocab_size=len(tokenizer))
+model = PackedTransformer(cfg, head="lm")
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
     "tiny-gpt2": dict(
-        _GPT2, hidden_size=64, n_layers=2, n_heads=4, intermediate_size=256, max_position_embeddings=1024
+        _GPT2,
+        hidden_size=64,
+        n_layers=2,
+        n_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=1024,
     ),
     "small-llama": dict(
         _LLAMA, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1376
@@ -55,5 +60,7 @@ def builtin_config(name: str, vocab_size: int, **overrides) -> TransformerConfig
     if name not in BUILTIN_CONFIGS:
         guess = closest(name, BUILTIN_CONFIGS)
         hint = f". Did you mean '{guess}'?" if guess else ""
-        raise ValueError(f"unknown built-in model config '{name}'. Known: {', '.join(builtin_names())}{hint}")
+        raise ValueError(
+            f"unknown built-in model config '{name}'. Known: {', '.join(builtin_names())}{hint}"
+        )
     return TransformerConfig(**{**BUILTIN_CONFIGS[name], "vocab_size": vocab_size, **overrides})

@@ -57,7 +57,9 @@ class TransformerConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    critic_head_bias: bool = True  # HF *ForTokenClassification has a bias; *ForSequenceClassification not
+    critic_head_bias: bool = (
+        True  # HF *ForTokenClassification has a bias; *ForSequenceClassification not
+    )
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = None

@@ -144,9 +144,13 @@ def generate(
         )
     eos = cfg.eos_token_ids if gconfig.eos_token_ids is None else list(gconfig.eos_token_ids)
     device = input_ids_T.device
-    stop_ids = torch.tensor(sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long)
+    stop_ids = torch.tensor(
+        sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long
+    )
     b = len(seqs.seqlens)
-    cache = KVCache(cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device)
+    cache = KVCache(
+        cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device
+    )
     was_training = model.training
     model.eval()
     try:

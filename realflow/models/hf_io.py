@@ -23,7 +23,12 @@ from typing import Any, NamedTuple
 import torch
 
 from realflow.models.config import TransformerConfig
-from realflow.models.families.base import StateDict, check_head, family_for_config, family_for_hf_config
+from realflow.models.families.base import (
+    StateDict,
+    check_head,
+    family_for_config,
+    family_for_hf_config,
+)
 from realflow.models.transformer import PackedTransformer
 
 logger = logging.getLogger(__name__)
@@ -122,7 +127,9 @@ def load_hf(
     sd = family.state_dict_from_hf(read_hf_state_dict(path), config, head)
     model = _build_with_state(config, head, sd, dtype, torch.device(device), head_init_seed, path)
     tokenizer = load_tokenizer_if_present(path) if load_tokenizer else None
-    logger.info("loaded %s (%s, head=%s, %s) from %s", family.name, config.family, head, dtype, path)
+    logger.info(
+        "loaded %s (%s, head=%s, %s) from %s", family.name, config.family, head, dtype, path
+    )
     return LoadedHF(model, tokenizer)
 
 
@@ -137,7 +144,9 @@ def init_from_actor(
     """A critic or reward model whose body comes from a causal-LM checkpoint and whose head is
     freshly initialised from `seed` (weights ~ N(0, initializer_range), bias 0)."""
     if head == "lm":
-        raise ValueError("init_from_actor builds a critic or reward model; use load_hf for head='lm'")
+        raise ValueError(
+            "init_from_actor builds a critic or reward model; use load_hf for head='lm'"
+        )
     return load_hf(path, head, dtype, device, head_init_seed=seed, **config_overrides)
 
 
@@ -191,7 +200,9 @@ def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
 # --------------------------------------------------------------------------------- writing
 
 
-def hf_config_for(model: PackedTransformer, dtype: torch.dtype, tokenizer: Any | None = None) -> dict:
+def hf_config_for(
+    model: PackedTransformer, dtype: torch.dtype, tokenizer: Any | None = None
+) -> dict:
     """The config.json dict that makes transformers build the same model with the same head."""
     config, head = model.config, model.head
     family = family_for_config(config)
@@ -235,12 +246,20 @@ def save_hf(
     """
     if not isinstance(model, PackedTransformer):
         raise TypeError(f"save_hf needs a PackedTransformer, got {type(model).__name__}")
-    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained") and not hasattr(tokenizer, "save"):
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither save_pretrained nor save")
+    if (
+        tokenizer is not None
+        and not hasattr(tokenizer, "save_pretrained")
+        and not hasattr(tokenizer, "save")
+    ):
+        raise TypeError(
+            f"tokenizer {type(tokenizer).__name__} has neither save_pretrained nor save"
+        )
     path = Path(path)
     _check_target(path)
     params = dict(model.named_parameters())
-    dtype = _resolve_dtype(dtype, {"dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")})
+    dtype = _resolve_dtype(
+        dtype, {"dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")}
+    )
     family = family_for_config(model.config)
     hf_config = hf_config_for(model, dtype, tokenizer)
     sd = {k: v.detach() for k, v in model.state_dict().items()}

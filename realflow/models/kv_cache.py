@@ -75,7 +75,12 @@ class KVCache:
         return self.lens_B
 
     def attend_decode(
-        self, layer: int, q_BHD: torch.Tensor, k_BKD: torch.Tensor, v_BKD: torch.Tensor, scale: float
+        self,
+        layer: int,
+        q_BHD: torch.Tensor,
+        k_BKD: torch.Tensor,
+        v_BKD: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         """Store this step's key/value of every active row and attend over its row; `out_BHD`."""
         k_cache = self._k[layer, : self.n_rows]

@@ -98,7 +98,11 @@ class PackedTransformer(nn.Module):
             cache=cache,
         )
         if self.rotary is not None:
-            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+            dtype = (
+                torch.get_autocast_dtype(h.device.type)
+                if torch.is_autocast_enabled(h.device.type)
+                else h.dtype
+            )
             ctx.cos_TD, ctx.sin_TD = self.rotary(position_ids_T, dtype)
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -161,7 +165,9 @@ def check_packed(
     if input_ids_T.dim() != 1:
         raise ValueError(f"input_ids_T must be 1-D (packed), got shape {tuple(input_ids_T.shape)}")
     if cu_seqlens_B1.dim() != 1 or cu_seqlens_B1.numel() < 2:
-        raise ValueError(f"cu_seqlens_B1 must be 1-D with B+1 >= 2 entries, got {tuple(cu_seqlens_B1.shape)}")
+        raise ValueError(
+            f"cu_seqlens_B1 must be 1-D with B+1 >= 2 entries, got {tuple(cu_seqlens_B1.shape)}"
+        )
     seqs = PackedSeqs.from_cu_seqlens(cu_seqlens_B1.to(input_ids_T.device))
     if int(cu_seqlens_B1[0]) != 0 or int(cu_seqlens_B1[-1]) != input_ids_T.numel():
         raise ValueError(

@@ -183,7 +183,9 @@ def _to_hf(sd: StateDict, cfg: TransformerConfig, head: str) -> StateDict:
 
 
 def _param_names(cfg: TransformerConfig, head: str) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {"embedding": ["transformer.wte.weight", "transformer.wpe.weight"]}
+    groups: dict[str, list[str]] = {
+        "embedding": ["transformer.wte.weight", "transformer.wpe.weight"]
+    }
     for i in range(cfg.n_layers):
         p = f"transformer.h.{i}."
         names = [p + theirs for _, theirs, _ in _LAYER_MAP]

@@ -131,7 +131,12 @@ def llama_name_map(cfg: TransformerConfig, head: str) -> dict[str, str]:
     for i in range(cfg.n_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         m[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
-        for proj, bias in (("q", cfg.qkv_bias), ("k", cfg.qkv_bias), ("v", cfg.qkv_bias), ("o", cfg.o_bias)):
+        for proj, bias in (
+            ("q", cfg.qkv_bias),
+            ("k", cfg.qkv_bias),
+            ("v", cfg.qkv_bias),
+            ("o", cfg.o_bias),
+        ):
             for kind in ("weight", "bias") if bias else ("weight",):
                 m[f"{ours}attn.{proj}_proj.{kind}"] = f"{theirs}self_attn.{proj}_proj.{kind}"
         m[ours + "mlp_norm.weight"] = theirs + "post_attention_layernorm.weight"
@@ -151,7 +156,9 @@ def llama_name_map(cfg: TransformerConfig, head: str) -> dict[str, str]:
 
 def _from_hf(sd: StateDict, cfg: TransformerConfig, head: str) -> StateDict:
     if "embed_tokens.weight" in sd:  # saved from a bare LlamaModel: no "model." prefix
-        sd = {(k if k.startswith(("lm_head.", "score.")) else "model." + k): v for k, v in sd.items()}
+        sd = {
+            (k if k.startswith(("lm_head.", "score.")) else "model." + k): v for k, v in sd.items()
+        }
     inverse = {hf: ours for ours, hf in llama_name_map(cfg, head).items()}
     return rename_state_dict(sd, inverse, _IGNORED)
 
