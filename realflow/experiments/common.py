@@ -43,9 +43,6 @@ class ModelConfig:
             backend=self.backend, zero_stage=self.zero_stage, bf16=self.bf16, offload=self.offload
         )
 
-    def validate(self) -> list[str]:
-        return [f"optimizer.{p}" for p in self.optimizer.validate()]
-
 
 @dataclasses.dataclass
 class DatasetConfig:
@@ -111,6 +108,10 @@ class ExperimentConfig:
 
     def dfg(self) -> DataflowGraph:
         return build_dfg(self.mfcs(), self.dataset_keys)
+
+    def optimizer_steps_per_train_call(self) -> int:
+        """Optimizer steps one train_step MFC takes (sizes the LR schedule)."""
+        return 1
 
     def mb_spec(self, role: str) -> MicroBatchSpec:
         return MicroBatchSpec(

@@ -44,11 +44,14 @@ class GRPOConfig(ExperimentConfig):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        if self.n_seqs % self.grpo.n_minibatches:
+        if self.grpo.n_minibatches > 0 and self.n_seqs % self.grpo.n_minibatches:
             problems.append(
                 f"grpo.n_minibatches ({self.grpo.n_minibatches}) must divide n_seqs ({self.n_seqs})"
             )
         return problems
+
+    def optimizer_steps_per_train_call(self) -> int:
+        return self.grpo.n_minibatches
 
     def roles(self) -> dict[str, ModelRole]:
         return {

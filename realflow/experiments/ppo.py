@@ -115,11 +115,14 @@ class PPOConfig(ExperimentConfig):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        if self.n_seqs % self.ppo.ppo_n_minibatches:
+        if self.ppo.ppo_n_minibatches > 0 and self.n_seqs % self.ppo.ppo_n_minibatches:
             problems.append(
                 f"ppo.ppo_n_minibatches ({self.ppo.ppo_n_minibatches}) must divide n_seqs ({self.n_seqs})"
             )
         return problems
+
+    def optimizer_steps_per_train_call(self) -> int:
+        return self.ppo.ppo_n_minibatches
 
     def roles(self) -> dict[str, ModelRole]:
         return {

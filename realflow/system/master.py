@@ -1,0 +1,287 @@
+"""The master: runs the DFG for many steps, dispatching each MFC as soon as it may run.
+
+It holds metadata only: for each step, the sample ids, which worker holds each key, and which
+MFCs still have to read it. An MFC of step t is dispatched when
+  - its step's batch is loaded and all its input keys exist;
+  - the parameter-version rule allows it: a generate/inference call on model M waits for the
+    train_step of M at step t-1; a train_step of M waits for every other call on M at step t
+    and for its own step t-1;
+  - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
+  - no checkpoint is due before step t.
+Keys are freed on every worker that holds them once their last consumer has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from realflow.api.data import SequenceSample
+from realflow.api.dfg import DataflowGraph, MFCDef
+from realflow.system.transport import Transport, WorkerFailure
+from realflow.system.worker import Kind, MFCRequest, MFCResult, Transfer
+
+logger = logging.getLogger(__name__)
+
+
+class RunFailure(RuntimeError):
+    """A run stopped by a failed, dead or timed-out call; the message names MFC, worker, step."""
+
+
+@dataclasses.dataclass
+class StepState:
+    step: int
+    ids: list[Any] | None = None
+    meta: dict[str, SequenceSample] = dataclasses.field(default_factory=dict)  # key -> meta
+    holders: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # key -> workers
+    consumers: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # key -> MFCs left
+    done: set[str] = dataclasses.field(default_factory=set)
+    running: set[str] = dataclasses.field(default_factory=set)
+    stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    start: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclasses.dataclass
+class Call:
+    kind: Kind
+    worker: int
+    step: int
+    mfc: str | None
+    start: float
+    busy: bool  # holds the worker (one busy call per worker at a time)
+
+
+class Master:
+    """Drives one run. `placement[role]` is the worker of each role; `data_worker` loads data."""
+
+    def __init__(
+        self,
+        dfg: DataflowGraph,
+        transport: Transport,
+        placement: dict[str, int],
+        data_worker: int,
+        mfc_timeout_s: float = 0.0,
+        on_call: Callable[[MFCResult], None] | None = None,
+    ):
+        self.dfg = dfg
+        self.transport = transport
+        self.placement = placement
+        self.data_worker = data_worker
+        self.timeout = mfc_timeout_s or None
+        self.on_call = on_call or (lambda r: None)
+        self.mfcs = dfg.mfcs
+        self.trainer_of = {m.model_name: m.name for m in self.mfcs if m.is_train}
+        self.calls: dict[Any, Call] = {}
+        self.steps: dict[int, StepState] = {}
+
+    def worker_of(self, mfc: MFCDef) -> int:
+        return self.placement[mfc.model_name]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        first_step: int,
+        last_step: int,
+        on_step_end: Callable[[int, dict[str, dict[str, float]], float], None],
+        save_after: Callable[[int], bool],
+        save: Callable[[int], None],
+    ) -> None:
+        """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
+        flight after every step for which `save_after(step)` holds."""
+        next_fetch = first_step
+        while True:
+            finished = [s for s in sorted(self.steps) if len(self.steps[s].done) == len(self.mfcs)]
+            for s in finished:
+                state = self.steps.pop(s)
+                self._free(state, sorted(state.holders))
+                on_step_end(s, state.stats, time.time() - state.start)
+                if save_after(s):
+                    self._drain()
+                    save(s)
+            barrier = min((s for s in self.steps if save_after(s)), default=None)
+            if next_fetch <= last_step and self._may_fetch(next_fetch, barrier):
+                self.steps[next_fetch] = StepState(next_fetch)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
+                next_fetch += 1
+            self._dispatch_ready(barrier)
+            if not self.steps and next_fetch > last_step:
+                self._drain()
+                return
+            self._collect()
+
+    def _may_fetch(self, step: int, barrier: int | None) -> bool:
+        if barrier is not None and step > barrier:
+            return False
+        if self.steps and step > min(self.steps) + 1:  # at most two steps in flight
+            return False
+        return self._idle(self.data_worker)
+
+    def _idle(self, worker: int) -> bool:
+        return not any(c.busy and c.worker == worker for c in self.calls.values())
+
+    def _dispatch_ready(self, barrier: int | None) -> None:
+        for step in sorted(self.steps):
+            if barrier is not None and step > barrier:
+                return
+            state = self.steps[step]
+            if state.ids is None:
+                continue
+            for mfc in self.mfcs:
+                if (
+                    mfc.name in state.done
+                    or mfc.name in state.running
+                    or not self._ready(mfc, state)
+                ):
+                    continue
+                transfers = self._transfers(mfc, state)
+                workers = {self.worker_of(mfc)} | {t.src for t in transfers}
+                if all(self._idle(w) for w in workers):
+                    self._launch(mfc, state, transfers)
+
+    def _ready(self, mfc: MFCDef, state: StepState) -> bool:
+        if any(k not in state.holders for k in mfc.input_keys):
+            return False
+        prev = self.steps.get(state.step - 1)
+        trainer = self.trainer_of.get(mfc.model_name)
+        if trainer is not None and prev is not None and trainer not in prev.done:
+            return False  # parameter version: step t reads weights after train of step t-1
+        if mfc.is_train:
+            same_model = [
+                m.name for m in self.mfcs if m.model_name == mfc.model_name and not m.is_train
+            ]
+            if any(n not in state.done for n in same_model):
+                return False
+        return True
+
+    def _transfers(self, mfc: MFCDef, state: StepState) -> list[Transfer]:
+        dst = self.worker_of(mfc)
+        by_src: dict[int, list[str]] = {}
+        for key in mfc.input_keys:
+            if dst not in state.holders[key]:
+                by_src.setdefault(min(state.holders[key]), []).append(key)
+        return [
+            Transfer(src, _merge_meta([state.meta[k] for k in keys]))
+            for src, keys in sorted(by_src.items())
+        ]
+
+    def _launch(self, mfc: MFCDef, state: StepState, transfers: list[Transfer]) -> None:
+        dst = self.worker_of(mfc)
+        self.transport.before_mfc(dst, transfers)
+        for t in transfers:
+            self._submit(t.src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
+            for key in t.meta.keys:
+                state.holders[key].add(dst)
+        req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers)
+        self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
+        state.running.add(mfc.name)
+
+    def _submit(
+        self, worker: int, kind: Kind, payload: Any, step: int, mfc: str | None, busy: bool
+    ) -> None:
+        if kind == Kind.SEND and not self.transport_sends:
+            return
+        handle = self.transport.submit(worker, kind, payload)
+        self.calls[handle] = Call(kind, worker, step, mfc, time.time(), busy)
+
+    @property
+    def transport_sends(self) -> bool:
+        return getattr(self.transport, "sends_data", False)
+
+    # ---- results ----------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        if not self.calls:
+            return
+        wait_s = None
+        if self.timeout:
+            oldest = (
+                min(c.start for c in self.calls.values() if c.busy)
+                if any(c.busy for c in self.calls.values())
+                else time.time()
+            )
+            wait_s = max(0.0, oldest + self.timeout - time.time())
+        done = self.transport.wait(list(self.calls), wait_s)
+        if not done:
+            self._check_timeouts()
+            return
+        for handle in done:
+            call = self.calls.pop(handle)
+            try:
+                value = self.transport.result(handle)
+            except WorkerFailure as e:
+                raise RunFailure(self._describe(call) + f" failed: {e}") from (e.cause or e)
+            self._on_result(call, value)
+
+    def _check_timeouts(self) -> None:
+        now = time.time()
+        for call in self.calls.values():
+            if call.busy and self.timeout and now - call.start >= self.timeout:
+                raise RunFailure(
+                    self._describe(call) + f" timed out after {self.timeout:g} s (mfc_timeout_s)"
+                )
+
+    def _describe(self, call: Call) -> str:
+        what = (
+            f"MFC '{call.mfc}'"
+            if call.kind == Kind.MFC
+            else f"{call.kind.value}" + (f" for MFC '{call.mfc}'" if call.mfc else "")
+        )
+        return f"{what} on worker {call.worker} at step {call.step}"
+
+    def _on_result(self, call: Call, value: Any) -> None:
+        state = self.steps.get(call.step)
+        if call.kind == Kind.FETCH_BATCH:
+            assert state is not None
+            meta: SequenceSample = value
+            state.ids = list(meta.ids)
+            for key in meta.keys:
+                self._add_key(state, key, meta.select([key]), call.worker)
+        elif call.kind == Kind.MFC:
+            assert state is not None
+            result: MFCResult = value
+            self.on_call(result)
+            mfc = self.dfg.mfc(result.mfc)
+            state.running.discard(mfc.name)
+            state.done.add(mfc.name)
+            state.stats[mfc.name] = result.stats
+            if result.meta is not None:
+                for key in result.meta.keys:
+                    self._add_key(state, key, result.meta.select([key]), call.worker)
+            self._release_inputs(state, mfc)
+
+    def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
+        state.meta[key] = meta
+        state.holders[key] = {worker}
+        state.consumers[key] = {m.name for m in self.mfcs if key in m.input_keys}
+
+    def _release_inputs(self, state: StepState, mfc: MFCDef) -> None:
+        finished = []
+        for key in mfc.input_keys:
+            state.consumers[key].discard(mfc.name)
+            if not state.consumers[key]:
+                finished.append(key)
+        self._free(state, finished)
+
+    def _free(self, state: StepState, keys: list[str]) -> None:
+        by_worker: dict[int, list[str]] = {}
+        for key in keys:
+            for w in state.holders.pop(key, set()):
+                by_worker.setdefault(w, []).append(key)
+            state.consumers.pop(key, None)
+        for w, ks in sorted(by_worker.items()):
+            self._submit(w, Kind.FREE, (list(state.ids or []), ks), state.step, None, busy=False)
+
+    def _drain(self) -> None:
+        while self.calls:
+            self._collect()
+
+
+def _merge_meta(metas: list[SequenceSample]) -> SequenceSample:
+    merged = metas[0].meta()
+    for m in metas[1:]:
+        merged.update_(m.meta())
+    return merged

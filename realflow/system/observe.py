@@ -1,0 +1,134 @@
+"""What a run leaves to look at: metrics.jsonl, tensorboard events, trace.json, a progress bar
+and a summary table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from realflow.system.worker import MFCResult
+
+logger = logging.getLogger(__name__)
+
+# Keys shown in the progress bar and the summary when a row has them.
+KEY_METRICS = ("reward/mean", "loss", "acc", "reward_acc", "kl")
+
+
+def flatten_step(
+    step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
+) -> dict[str, Any]:
+    """One metrics row: `{mfc}/{stat}` for every MFC, and the first train MFC's stats unprefixed."""
+    row: dict[str, Any] = {"step": step, "time/step_s": round(step_s, 6)}
+    for name in order:
+        for key, value in stats.get(name, {}).items():
+            row[f"{name}/{key}"] = value
+    for name in order:
+        if name in stats and stats[name]:
+            for key, value in stats[name].items():
+                row.setdefault(key, value)
+            break
+    return row
+
+
+class MetricsWriter:
+    def __init__(
+        self,
+        output_dir: str,
+        total_steps: int,
+        tensorboard: bool,
+        progress_bar: bool,
+        train_order: list[str],
+    ):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.train_order = train_order
+        self.rows: list[dict[str, Any]] = []
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.bar = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="steps", dynamic_ncols=True, leave=True)
+
+    def write(
+        self, step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
+    ) -> dict[str, Any]:
+        # Train MFCs first, so unprefixed keys come from the trained model's step.
+        ordered = [n for n in self.train_order if n in stats] + [
+            n for n in order if n not in self.train_order
+        ]
+        row = flatten_step(step, stats, step_s, ordered)
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+        if self.bar is not None:
+            shown = {
+                k: f"{row[k]:.4g}" for k in KEY_METRICS if isinstance(row.get(k), (int, float))
+            }
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        return row
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def summary(self) -> str:
+        """A table of the key metrics: mean of the first and last 10% of steps."""
+        if not self.rows:
+            return "no steps ran"
+        keys = ["time/step_s", *[k for k in KEY_METRICS if any(k in r for r in self.rows)]]
+        n = max(1, len(self.rows) // 10)
+        lines = [f"{'metric':<16}{'first 10%':>14}{'last 10%':>14}", "-" * 44]
+        for k in keys:
+            first = [r[k] for r in self.rows[:n] if k in r]
+            last = [r[k] for r in self.rows[-n:] if k in r]
+            if first and last:
+                lines.append(
+                    f"{k:<16}{sum(first) / len(first):>14.4f}{sum(last) / len(last):>14.4f}"
+                )
+        return "\n".join(lines)
+
+
+class Tracer:
+    """Chrome trace (opens in Perfetto): a track per worker, one complete event per MFC call."""
+
+    def __init__(self, path: str, worker_names: dict[int, str]):
+        self.path = path
+        self.t0 = time.time()
+        self.events: list[dict[str, Any]] = [
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": w, "args": {"name": name}}
+            for w, name in sorted(worker_names.items())
+        ]
+
+    def record(self, result: MFCResult, n_seqs: int) -> None:
+        self.events.append(
+            {
+                "name": result.mfc,
+                "ph": "X",
+                "pid": 0,
+                "tid": result.worker,
+                "ts": (result.start - self.t0) * 1e6,
+                "dur": (result.end - result.start) * 1e6,
+                "args": {"step": result.step, "n_seqs": n_seqs},
+            }
+        )
+
+    def write(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
+        os.replace(tmp, self.path)

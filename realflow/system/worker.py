@@ -1,0 +1,266 @@
+"""The model worker: hosts roles, holds their data, runs model function calls.
+
+Everything a worker can be asked is declared in `Kind`; the master sends `(Kind, payload)` pairs
+through a transport and gets the return value back. A worker keeps the tensors of the samples it
+produced (or fetched) in a store keyed by sample id; only metadata goes back to the master.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from realflow.api.data import SequenceSample
+from realflow.api.dfg import InterfaceType, MFCDef
+from realflow.api.interface import Model, ModelInterface
+from realflow.api.registry import DATASETS, INTERFACES
+from realflow.experiments.common import ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Kind(str, enum.Enum):
+    """The RPC surface of a worker."""
+
+    SETUP = "setup"
+    FETCH_BATCH = "fetch_batch"  # next dataset batch into the store; returns its meta
+    MFC = "mfc"  # run one model function call; returns MFCResult
+    FREE = "free"  # drop keys of samples from the store
+    SAVE = "save"  # write a checkpoint part
+    LOAD = "load"  # restore engine, interface, RNG and loader state
+    SEND = "send"  # ray mode: send tensors to a peer over torch.distributed
+    STORE_SIZE = "store_size"  # number of (sample, key) entries held: for tests and leak checks
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    index: int
+    config: ExperimentConfig
+    roles: list[str]
+    trained_roles: list[str]
+    mfcs: list[MFCDef]  # the MFCs of the DFG that run on this worker
+    serves_dataset: bool
+    total_train_steps: int
+
+
+@dataclasses.dataclass
+class Transfer:
+    """Keys of samples that live on worker `src` and must be fetched before an MFC."""
+
+    src: int
+    meta: SequenceSample  # ids and keys to fetch, without tensors
+
+
+@dataclasses.dataclass
+class MFCRequest:
+    mfc: str
+    step: int
+    ids: list[Any]
+    transfers: list[Transfer]
+
+
+@dataclasses.dataclass
+class MFCResult:
+    mfc: str
+    step: int
+    worker: int
+    meta: SequenceSample | None
+    stats: dict[str, float]
+    start: float
+    end: float
+
+
+def call_seed(seed: int, step: int, name: str) -> int:
+    """A seed for one call, the same in every run with this seed: resume replays it exactly."""
+    digest = hashlib.sha256(f"{seed}:{step}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+class ModelWorker:
+    """One worker. `fetch_remote(transfer)` returns the tensors of a Transfer (transport-given)."""
+
+    def __init__(
+        self, spec: WorkerSpec, fetch_remote: Callable[[Transfer], SequenceSample] | None = None
+    ):
+        self.spec = spec
+        self.index = spec.index
+        self.fetch_remote = fetch_remote
+        self.store: dict[Any, SequenceSample] = {}
+        self.models: dict[str, Model] = {}
+        self.interfaces: dict[str, ModelInterface] = {}
+        self.mfcs = {m.name: m for m in spec.mfcs}
+        self.loader = None
+        self._handlers = {
+            Kind.SETUP: self.setup,
+            Kind.FETCH_BATCH: self.fetch_batch,
+            Kind.MFC: self.run_mfc,
+            Kind.FREE: self.free,
+            Kind.SAVE: self.save,
+            Kind.LOAD: self.load,
+            Kind.STORE_SIZE: self.store_size,
+        }
+
+    def handle(self, kind: Kind, payload: Any = None) -> Any:
+        return self._handlers[kind](payload)
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def setup(self, _: Any = None) -> None:
+        from realflow.system.models import build_model
+
+        cfg = self.spec.config
+        roles = cfg.roles()
+        torch.manual_seed(cfg.seed)
+        for name in self.spec.roles:
+            self.models[name] = build_model(
+                name,
+                roles[name],
+                name in self.spec.trained_roles,
+                self.spec.total_train_steps,
+                cfg.seed,
+            )
+        for mfc in self.spec.mfcs:
+            self.interfaces[mfc.name] = INTERFACES.get(mfc.interface_impl.type_)(
+                **mfc.interface_impl.args
+            )
+        if self.spec.serves_dataset:
+            self._setup_loader()
+
+    def _setup_loader(self) -> None:
+        from realflow.data.loader import DataLoader
+
+        cfg = self.spec.config
+        source = [m for m in self.spec.mfcs if set(m.input_keys) <= set(cfg.dataset_keys)]
+        tokenizer = self.models[source[0].model_name].tokenizer if source else None
+        if tokenizer is None:
+            from realflow.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer("builtin")
+        d = cfg.dataset
+        dataset = DATASETS.get(cfg.dataset_type)(
+            d.path,
+            tokenizer,
+            max_length=d.max_length,
+            truncate=d.truncate,
+            skip_bad_rows=d.skip_bad_rows,
+        )
+        self.loader = DataLoader(dataset, cfg.n_seqs, shuffle=d.shuffle, seed=cfg.seed)
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def fetch_batch(self, _: Any = None) -> SequenceSample:
+        assert self.loader is not None, "this worker does not serve the dataset"
+        batch = self.loader.next_batch()
+        self._put(batch)
+        return batch.meta()
+
+    def _put(self, sample: SequenceSample) -> None:
+        for one in sample.unpack():
+            held = self.store.get(one.ids[0])
+            if held is None:
+                self.store[one.ids[0]] = one
+            else:
+                held.update_(one.select(one.keys - held.keys))
+
+    def local_data(self, ids: list[Any], keys: list[str]) -> SequenceSample:
+        try:
+            return SequenceSample.gather([self.store[i] for i in ids], keys)
+        except KeyError as e:
+            raise RuntimeError(
+                f"worker {self.index} holds no data for sample {e.args[0]!r}"
+            ) from None
+
+    def free(self, payload: tuple[list[Any], list[str]]) -> None:
+        ids, keys = payload
+        for i in ids:
+            held = self.store.get(i)
+            if held is None:
+                continue
+            left = held.keys - set(keys)
+            if left:
+                self.store[i] = held.select(sorted(left))
+            else:
+                del self.store[i]
+
+    def store_size(self, _: Any = None) -> int:
+        return sum(len(s.keys) for s in self.store.values())
+
+    # ---- model function calls ---------------------------------------------------------------
+
+    def run_mfc(self, req: MFCRequest) -> MFCResult:
+        start = time.time()
+        mfc = self.mfcs[req.mfc]
+        for transfer in req.transfers:
+            assert self.fetch_remote is not None
+            self._put(self.fetch_remote(transfer))
+        data = self.local_data(req.ids, list(mfc.input_keys)).remap_keys(mfc.input_key_remap)
+        model = self.models[mfc.model_name]
+        interface = self.interfaces[mfc.name]
+        torch.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
+        stats: dict[str, float] = {}
+        meta = None
+        if mfc.interface_type == InterfaceType.TRAIN_STEP:
+            stats = interface.train_step(model, data, mfc.mb_spec)
+            model.version += 1
+        else:
+            call = (
+                interface.generate
+                if mfc.interface_type == InterfaceType.GENERATE
+                else interface.inference
+            )
+            out = call(model, data, mfc.mb_spec)
+            if out is not None:
+                out = out.remap_keys(mfc.output_key_remap)
+                missing = set(mfc.output_keys) - out.keys
+                if missing:
+                    raise RuntimeError(
+                        f"interface '{mfc.interface_impl.type_}' of MFC '{mfc.name}' did not return "
+                        f"keys {sorted(missing)} (returned {sorted(out.keys)})"
+                    )
+                out = out.select(mfc.output_keys)
+                self._put(out)
+                meta = out.meta()
+        return MFCResult(mfc.name, req.step, self.index, meta, dict(stats), start, time.time())
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, directory: str) -> None:
+        """Write the HF directory of each trained role here, and this worker's state file."""
+        for role in self.spec.trained_roles:
+            if role in self.models:
+                train_mfc = next(m for m in self.spec.mfcs if m.model_name == role and m.is_train)
+                self.interfaces[train_mfc.name].save(
+                    self.models[role], os.path.join(directory, role)
+                )
+        state = {
+            "engines": {
+                r: self.models[r].module.state_dict()
+                for r in self.spec.trained_roles
+                if r in self.models and self.models[r].module is not None
+            },
+            "versions": {r: m.version for r, m in self.models.items()},
+            "interfaces": {n: i.state_dict() for n, i in self.interfaces.items()},
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, os.path.join(directory, f"worker_{self.index}.pt"))
+
+    def load(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, f"worker_{self.index}.pt"), weights_only=False)
+        for role, engine_state in state["engines"].items():
+            self.models[role].module.load_state_dict(engine_state)
+        for role, version in state["versions"].items():
+            self.models[role].version = version
+        for name, s in state["interfaces"].items():
+            self.interfaces[name].load_state_dict(s)
+        if self.loader is not None and state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
