@@ -1,0 +1,356 @@
+"""Helpers every interface shares: micro-batching, packed forward passes, answer masks, answer
+decoding, output samples and minibatch training.
+
+Conventions (see the key table in realflow.api.data):
+
+- `model.module` is an engine (realflow.engines): a `TrainEngine` for trained roles, an
+  `InferenceEngine` otherwise. Both have `.module` (the `PackedTransformer`), `.device` and
+  `forward_no_grad(fn)`; a `TrainEngine` also has `train_batch`.
+- Per-token log-probs live in the shifted space (L-1 entries per sequence, "T1"); the answer mask
+  in that space is True where the *predicted* token is an answer token.
+- Outputs are returned on the device the input tensors were on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from realflow.algorithms import gather_packed_logprobs
+from realflow.api.data import SequenceSample
+from realflow.api.dfg import MicroBatchSpec
+from realflow.api.interface import Model
+from realflow.api.registry import closest
+
+logger = logging.getLogger(__name__)
+
+IDS = "packed_input_ids"
+
+# ---- arguments ----------------------------------------------------------------------------------
+
+
+def build_args(cls: type, kwargs: dict[str, Any], interface: str) -> Any:
+    """`cls(**kwargs)` for an interface's argument dataclass; unknown names are a ValueError that
+    lists the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        hints = [
+            f"'{u}'" + (f" (did you mean '{closest(u, known)}'?)" if closest(u, known) else "")
+            for u in unknown
+        ]
+        raise ValueError(
+            f"interface '{interface}': unknown arguments {', '.join(hints)}; known: {', '.join(known)}"
+        )
+    return cls(**kwargs)
+
+
+# ---- engines and micro-batches -----------------------------------------------------------------
+
+
+def engine_of(model: Model, interface: str) -> Any:
+    """The engine of `model`, with a clear error for a weightless role."""
+    if model.module is None:
+        raise ValueError(
+            f"interface '{interface}' needs model weights, but role '{model.name}' has none "
+            "(head 'none'); give the role a model"
+        )
+    return model.module
+
+
+def train_engine_of(model: Model, interface: str) -> Any:
+    """The train engine of `model`; a role that is not trained is an error."""
+    engine = engine_of(model, interface)
+    if not hasattr(engine, "train_batch"):
+        raise ValueError(
+            f"interface '{interface}' train_step needs a trained role, but '{model.name}' has a "
+            f"{type(engine).__name__}"
+        )
+    return engine
+
+
+def split_micro_batches(data: SequenceSample, mb_spec: MicroBatchSpec) -> list[SequenceSample]:
+    """Contiguous micro-batches within `mb_spec.max_tokens_per_mb`, at least `mb_spec.n_mbs`
+    of them when there are enough samples."""
+    if mb_spec.max_tokens_per_mb is None:
+        mbs = [data]
+    else:
+        mbs = data.split_by_token_budget(mb_spec.max_tokens_per_mb)
+    if len(mbs) < mb_spec.n_mbs <= data.bs:
+        mbs = data.split(mb_spec.n_mbs)
+    return mbs
+
+
+def packed(
+    mb: SequenceSample, device: torch.device, key: str = IDS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids_T, cu_seqlens_B1)` of `key` on `device` (cu_seqlens int32)."""
+    return mb.data[key].to(device), mb.cu_seqlens(key, device=device)
+
+
+def map_micro_batches(
+    model: Model,
+    data: SequenceSample,
+    mb_spec: MicroBatchSpec,
+    fn: Callable[[torch.nn.Module, SequenceSample, torch.device], torch.Tensor],
+    interface: str,
+) -> torch.Tensor:
+    """`fn(module, mb, device)` without grad on each micro-batch; outputs concatenated (dim 0)
+    and moved to the device of the input tensors."""
+    engine = engine_of(model, interface)
+    out_device = next(iter(data.data.values())).device
+    outs = [
+        engine.forward_no_grad(lambda m, mb=mb: fn(m, mb, engine.device))
+        for mb in split_micro_batches(data, mb_spec)
+    ]
+    return torch.cat(outs).to(out_device)
+
+
+# ---- per-token quantities ----------------------------------------------------------------------
+
+
+def token_logprobs(
+    module: torch.nn.Module, mb: SequenceSample, device: torch.device, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probs `logprobs_T1` (float32) of each next token of `packed_input_ids` under an LM."""
+    ids_T, cu_B1 = packed(mb, device)
+    logits_TV = module(ids_T, cu_B1)
+    return gather_packed_logprobs(logits_TV, ids_T, cu_B1, temperature=temperature)
+
+
+def answer_mask_T1(prompt_mask_T: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
+    """Bool `loss_mask_T1`: True at T1-position t of a sequence when token t+1 is an answer token
+    (`prompt_mask` False). Drops the first token of every sequence."""
+    keep = torch.ones(prompt_mask_T.shape[0], dtype=torch.bool, device=prompt_mask_T.device)
+    keep[cu_seqlens_B1[:-1].long()] = False
+    return ~prompt_mask_T.bool()[keep]
+
+
+def shifted_seqlens(data: SequenceSample, key: str = IDS) -> list[list[int]]:
+    """Per sample, L-1 for each sequence of `key` (the layout of logprobs)."""
+    return [[n - 1 for n in lens] for lens in data.seqlens[key]]
+
+
+def one_per_seq(data: SequenceSample, key: str = IDS) -> list[list[int]]:
+    """Per sample, a 1 for each sequence of `key` (the layout of rewards, no_eos_mask...)."""
+    return [[1] * len(lens) for lens in data.seqlens[key]]
+
+
+def output_sample(
+    data: SequenceSample,
+    tensors: dict[str, torch.Tensor],
+    seqlens: dict[str, list[list[int]]],
+    metadata: dict[str, list[Any]] | None = None,
+) -> SequenceSample:
+    """A SequenceSample with the ids of `data` holding `tensors` laid out as `seqlens`."""
+    return SequenceSample(
+        ids=list(data.ids),
+        seqlens=seqlens,
+        data=tensors,
+        metadata=dict(data.metadata if metadata is None else metadata),
+    )
+
+
+def with_keys(
+    data: SequenceSample, tensors: dict[str, torch.Tensor], seqlens: dict[str, list[list[int]]]
+) -> SequenceSample:
+    """A copy of `data` (same tensors) with more keys added."""
+    out = data.select(data.keys)
+    out.update_(output_sample(data, tensors, seqlens))
+    return out
+
+
+def per_sequence_metadata(data: SequenceSample, key: str = IDS) -> list[dict[str, Any]]:
+    """One metadata dict per sequence of `key`: a sample's metadata apply to all its sequences."""
+    out = []
+    for i, lens in enumerate(data.seqlens[key]):
+        row = {k: v[i] for k, v in data.metadata.items()}
+        out.extend(dict(row) for _ in lens)
+    return out
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+
+def split_prompt_answer(
+    ids_T: torch.Tensor, prompt_mask_T: torch.Tensor, cu_seqlens_B1: torch.Tensor, eos_ids: set[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per sequence, the prompt tokens and the answer tokens with trailing EOS tokens removed."""
+    prompts, answers = [], []
+    cu = cu_seqlens_B1.tolist()
+    ids, mask = ids_T.tolist(), prompt_mask_T.bool().tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        prompts.append([t for t, m in zip(ids[a:b], mask[a:b]) if m])
+        answer = [t for t, m in zip(ids[a:b], mask[a:b]) if not m]
+        while answer and answer[-1] in eos_ids:
+            answer.pop()
+        answers.append(answer)
+    return prompts, answers
+
+
+def decode_prompts_answers(
+    tokenizer: Any, data: SequenceSample
+) -> tuple[list[str], list[str], list[list[int]]]:
+    """Texts of the prompts and answers of every sequence of `packed_input_ids` (special tokens
+    skipped, EOS stripped), and the answers' token ids."""
+    if tokenizer is None:
+        raise ValueError("decoding answers needs the role's tokenizer, but the model has none")
+    eos = tokenizer.eos_token_id
+    eos_ids = set() if eos is None else {int(eos)}
+    prompt_ids, answer_ids = split_prompt_answer(
+        data.data[IDS], data.data["prompt_mask"], data.cu_seqlens(IDS), eos_ids
+    )
+    prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    answers = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    return prompts, answers, answer_ids
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def mean_stats(all_stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over the dicts that report the key."""
+    sums: dict[str, list[float]] = {}
+    for stats in all_stats:
+        for k, v in stats.items():
+            sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def train_minibatches(
+    engine: Any,
+    data: SequenceSample,
+    n_minibatches: int,
+    mb_spec: MicroBatchSpec,
+    loss_fn: Callable[[torch.nn.Module, SequenceSample], tuple[torch.Tensor, dict[str, float]]],
+    loss_weight_fn: Callable[[SequenceSample], float],
+    skip_fn: Callable[[SequenceSample], bool] | None = None,
+) -> dict[str, float]:
+    """One optimizer step per minibatch (`data.split(n_minibatches)`), each accumulated over
+    token-budget micro-batches. `skip_fn(minibatch)` True skips that minibatch (early stop).
+    Returns the engine stats averaged over the minibatches that ran, and `n_skipped_minibatches`."""
+    if data.bs < n_minibatches:
+        raise ValueError(f"n_minibatches ({n_minibatches}) must be <= batch size ({data.bs})")
+    ran, skipped = [], 0
+    for minibatch in data.split(n_minibatches):
+        if skip_fn is not None and skip_fn(minibatch):
+            skipped += 1
+            continue
+        mbs = split_micro_batches(minibatch, mb_spec)
+        if sum(loss_weight_fn(mb) for mb in mbs) <= 0:
+            logger.warning("minibatch with no answer tokens skipped (ids %s)", minibatch.ids)
+            skipped += 1
+            continue
+        ran.append(engine.train_batch(mbs, loss_fn, loss_weight_fn))
+    if skipped:
+        logger.info("skipped %d of %d minibatches", skipped, n_minibatches)
+    return {**mean_stats(ran), "n_skipped_minibatches": float(skipped)}
+
+
+def save_hf_dir(model: Model, save_dir: str) -> None:
+    """Write the role's module (and tokenizer) as an HF directory."""
+    from realflow.models.hf_io import save_hf
+
+    engine = engine_of(model, "save")
+    save_hf(engine.module, save_dir, tokenizer=model.tokenizer)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+def stop_token_ids(model: Model) -> list[int]:
+    """EOS ids of the role: the model config's and the tokenizer's."""
+    ids = set(engine_of(model, "generate").module.config.eos_token_ids)
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    return sorted(ids)
+
+
+def logprobs_are_exact(gconfig: Any) -> bool:
+    """Whether generation log-probs equal `log_softmax(logits / temperature)` (no top-k, top-p or
+    min_new_tokens filter changed the distribution the tokens were drawn from)."""
+    if gconfig.min_new_tokens > 0:
+        return False
+    return gconfig.greedy or (gconfig.top_k == 0 and gconfig.top_p >= 1.0)
+
+
+def rollout(
+    model: Model,
+    data: SequenceSample,
+    mb_spec: MicroBatchSpec,
+    gconfig: Any,
+    n_per_prompt: int,
+    temperature: float,
+) -> SequenceSample:
+    """Generate `n_per_prompt` answers for every prompt of `packed_prompts`.
+
+    Sample i of the result holds the answers to its prompts (n_per_prompt per prompt, in order)
+    under packed_input_ids (prompt + answer), prompt_mask, logprobs (L-1: 0 on prompt positions,
+    then the log-prob of each answer token under `log_softmax(logits / temperature)`) and
+    no_eos_mask (1 per sequence). Metadata are kept.
+    """
+    from realflow.models.generation import generate
+
+    engine = engine_of(model, "generate")
+    gconfig = dataclasses.replace(gconfig, eos_token_ids=stop_token_ids(model))
+    seqs: dict[str, list[list[torch.Tensor]]] = {
+        k: [] for k in (IDS, "prompt_mask", "logprobs", "no_eos_mask")
+    }
+    for mb in split_micro_batches(data, mb_spec):
+        prompts = [
+            p
+            for p in mb.data["packed_prompts"].split(mb.flat_seqlens("packed_prompts"))
+            for _ in range(n_per_prompt)
+        ]
+        ids_T = torch.cat(prompts).to(engine.device)
+        cu_B1 = cu_seqlens_from(prompts, engine.device)
+        out = engine.forward_no_grad(
+            lambda _m, i=ids_T, c=cu_B1: generate(engine.module, i, c, gconfig)
+        )
+        answers = out.output_ids_T.split(out.output_lens_B.tolist())
+        logps = out.logprobs_T.split(out.output_lens_B.tolist())
+        per_sample = [len(lens) * n_per_prompt for lens in mb.seqlens["packed_prompts"]]
+        start = 0
+        for n in per_sample:
+            rows = range(start, start + n)
+            start += n
+            seqs[IDS].append(
+                [torch.cat([prompts[j], answers[j].to(prompts[j].device)]) for j in rows]
+            )
+            seqs["prompt_mask"].append(
+                [_prompt_mask(len(prompts[j]), len(answers[j])) for j in rows]
+            )
+            seqs["logprobs"].append([_pad_prompt(len(prompts[j]), logps[j]) for j in rows])
+            seqs["no_eos_mask"].append([out.no_eos_mask_B[j : j + 1].cpu() for j in rows])
+    out_device = data.data["packed_prompts"].device
+    result = SequenceSample.from_sequences(data.ids, seqs, metadata=dict(data.metadata))
+    result.data = {k: v.to(out_device) for k, v in result.data.items()}
+    if not logprobs_are_exact(gconfig):
+        # The sampling distribution was filtered: store the unfiltered log-probs that training
+        # compares against, so the first PPO ratio is exactly 1.
+        fn = lambda m, mb, dev: token_logprobs(m, mb, dev, temperature)  # noqa: E731
+        logp = map_micro_batches(model, result, mb_spec, fn, "generate")
+        mask = answer_mask_T1(result.data["prompt_mask"], result.cu_seqlens(IDS, device=out_device))
+        result.data["logprobs"] = logp * mask
+    return result
+
+
+def cu_seqlens_from(seqs: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32, device=device)
+    return torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+
+
+def _prompt_mask(n_prompt: int, n_answer: int) -> torch.Tensor:
+    return torch.cat(
+        [torch.ones(n_prompt, dtype=torch.bool), torch.zeros(n_answer, dtype=torch.bool)]
+    )
+
+
+def _pad_prompt(n_prompt: int, answer_logprobs: torch.Tensor) -> torch.Tensor:
+    lp = answer_logprobs.float().cpu()
+    return torch.cat([torch.zeros(n_prompt - 1, dtype=torch.float32), lp])
