@@ -106,7 +106,9 @@ class ModelWorker:
             Kind.SAVE: self.save,
             Kind.LOAD: self.load,
             Kind.STORE_SIZE: self.store_size,
+            Kind.SEND: self.send,
         }
+        self.dp_group = None
 
     def handle(self, kind: Kind, payload: Any = None) -> Any:
         return self._handlers[kind](payload)
@@ -118,6 +120,12 @@ class ModelWorker:
 
         cfg = self.spec.config
         roles = cfg.roles()
+        if torch.distributed.is_initialized():
+            # Every rank creates every group, in the same order (a collective call). Each model
+            # lives on one worker for now, so its data-parallel group is this rank alone.
+            world = torch.distributed.get_world_size()
+            groups = [torch.distributed.new_group([r]) for r in range(world)]
+            self.dp_group = groups[torch.distributed.get_rank()]
         torch.manual_seed(cfg.seed)
         for name in self.spec.roles:
             self.models[name] = build_model(
@@ -126,6 +134,7 @@ class ModelWorker:
                 name in self.spec.trained_roles,
                 self.spec.total_train_steps,
                 cfg.seed,
+                self.dp_group,
             )
         for mfc in self.spec.mfcs:
             self.interfaces[mfc.name] = INTERFACES.get(mfc.interface_impl.type_)(
@@ -189,6 +198,13 @@ class ModelWorker:
                 self.store[i] = held.select(sorted(left))
             else:
                 del self.store[i]
+
+    def send(self, payload: tuple[int, Transfer]) -> None:
+        """Send the tensors of a Transfer to worker `dst` (which receives them in its MFC)."""
+        from realflow.system.p2p import send_sample
+
+        dst, transfer = payload
+        send_sample(self.local_data(transfer.meta.ids, sorted(transfer.meta.keys)), dst)
 
     def store_size(self, _: Any = None) -> int:
         return sum(len(s.keys) for s in self.store.values())
