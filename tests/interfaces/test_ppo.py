@@ -1,0 +1,162 @@
+"""ppo_actor / ppo_critic: rollout layout, logprob consistency, and a full train step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from iface_testutils import MB, changed, copy_params, dataset_batch, inference_model, train_model
+
+from realflow.algorithms import gae_packed, kl_shaped_rewards, split_critic_values
+from realflow.api.registry import INTERFACES
+from realflow.interfaces.common import answer_mask_T1
+
+GEN = dict(max_new_tokens=8, min_new_tokens=0, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
+
+
+def ppo_args(**changes):
+    """The keyword arguments the ppo experiment passes (PPOHyperparameters as a dict)."""
+    from realflow.experiments.common import interface_args
+    from realflow.experiments.ppo import PPOHyperparameters
+
+    args = interface_args(PPOHyperparameters())
+    args["gen"] = dict(GEN)
+    for k, v in changes.items():
+        if k == "gen":
+            args["gen"].update(v)
+        else:
+            args[k] = v
+    return args
+
+
+def rollout(tokenizer, n=4, seed=0, **changes):
+    actor = train_model(tokenizer, lr=1e-3)
+    iface = INTERFACES.get("ppo_actor")(**ppo_args(**changes))
+    prompts = dataset_batch("prompt", tokenizer, n)
+    torch.manual_seed(seed)
+    return actor, iface, prompts, iface.generate(actor, prompts, MB)
+
+
+@pytest.mark.parametrize("gen", [dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7)])
+def test_generate_layout_and_logprobs_match_inference(tokenizer, gen):
+    actor, iface, prompts, out = rollout(tokenizer, n=5, gen=gen)
+    assert out.ids == prompts.ids
+    assert out.keys == {"packed_input_ids", "prompt_mask", "logprobs", "no_eos_mask"}
+    assert out.metadata["answer"] == prompts.metadata["answer"]
+    lens = out.seqlens["packed_input_ids"]
+    assert out.seqlens["prompt_mask"] == lens
+    assert out.seqlens["logprobs"] == [[n - 1] for [n] in lens]
+    assert out.seqlens["no_eos_mask"] == [[1]] * 5
+    assert out.data["no_eos_mask"].dtype == torch.bool
+    assert out.data["prompt_mask"].dtype == torch.bool
+    eos = tokenizer.eos_token_id
+    cu = out.cu_seqlens("packed_input_ids").tolist()
+    pcu = prompts.cu_seqlens("packed_prompts").tolist()
+    for i in range(5):
+        ids = out.data["packed_input_ids"][cu[i] : cu[i + 1]]
+        mask = out.data["prompt_mask"][cu[i] : cu[i + 1]]
+        prompt = prompts.data["packed_prompts"][pcu[i] : pcu[i + 1]]
+        n_prompt = len(prompt)
+        assert torch.equal(ids[:n_prompt], prompt) and bool(mask[:n_prompt].all())
+        answer = ids[n_prompt:]
+        assert 1 <= len(answer) <= GEN["max_new_tokens"] and not bool(mask[n_prompt:].any())
+        ended = bool(answer[-1] == eos)
+        assert bool(out.data["no_eos_mask"][i]) == (not ended)
+        assert not bool((answer[:-1] == eos).any())
+    # Sampling log-probs equal the inference log-probs on the answer tokens, 0 on the prompt.
+    inf = iface.inference(actor, out.select(["packed_input_ids"]), MB)
+    amask = answer_mask_T1(out.data["prompt_mask"], out.cu_seqlens("packed_input_ids"))
+    gen_lp = out.data["logprobs"]
+    assert torch.all(gen_lp[~amask] == 0)
+    torch.testing.assert_close(gen_lp[amask], inf.data["logprobs"][amask], atol=1e-4, rtol=0)
+
+
+def test_generate_with_top_k_stores_unfiltered_logprobs(tokenizer):
+    actor, iface, _, out = rollout(tokenizer, n=3, gen=dict(top_k=5, min_new_tokens=2))
+    inf = iface.inference(actor, out.select(["packed_input_ids"]), MB)
+    amask = answer_mask_T1(out.data["prompt_mask"], out.cu_seqlens("packed_input_ids"))
+    torch.testing.assert_close(out.data["logprobs"][amask], inf.data["logprobs"][amask])
+    n_answer = (~out.data["prompt_mask"]).long().split(out.flat_seqlens("prompt_mask"))
+    assert all(int(n.sum()) >= 2 for n in n_answer)  # min_new_tokens
+
+
+def ppo_train_batch(tokenizer, actor, iface, out, scores):
+    """The train inputs of an iteration: the rollout plus ref logprobs, values and rewards."""
+    ref = inference_model(tokenizer, seed=1)
+    critic_model = train_model(tokenizer, head="critic", seed=2, name="critic")
+    critic = INTERFACES.get("ppo_critic")(**ppo_args())
+    data = out.select(out.keys)
+    ids_only = out.select(["packed_input_ids"])
+    data.update_(iface.inference(ref, ids_only, MB).remap_keys({"logprobs": "ref_logprobs"}))
+    values = critic.inference(critic_model, ids_only, MB)
+    assert values.seqlens["values"] == out.seqlens["packed_input_ids"]
+    data.update_(values)
+    data.update_(out.__class__.from_sequences(out.ids, {"rewards": list(scores[:, None])}))
+    return data, critic, critic_model
+
+
+def test_actor_and_critic_train_step(tokenizer):
+    actor, iface, _, out = rollout(tokenizer, n=4, seed=3)
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    data, critic, critic_model = ppo_train_batch(tokenizer, actor, iface, out, scores)
+    actor_before = copy_params(actor.module.module)
+    critic_before = copy_params(critic_model.module.module)
+    a_stats = iface.train_step(actor, data, MB)
+    c_stats = critic.train_step(critic_model, data, MB)
+    for stats in (a_stats, c_stats):
+        assert all(math.isfinite(v) for v in stats.values()), stats
+        assert stats["reward/mean"] == pytest.approx(float(scores.mean()))
+        assert stats["n_skipped_minibatches"] == 0
+    for key in ("loss", "kl", "kl_coef", "clip_frac", "importance_ratio", "approx_kl", "grad_norm"):
+        assert key in a_stats
+    # The first minibatch runs at the behaviour policy: its ratio is 1 (on average over both).
+    assert 0.9 < a_stats["importance_ratio"] < 1.1
+    assert a_stats["kl_coef"] == pytest.approx(0.05)
+    assert "value_clip_frac" in c_stats
+    assert changed(actor_before, actor.module.module)
+    assert changed(critic_before, critic_model.module.module)
+
+
+def test_returns_match_algorithms(tokenizer):
+    """The returns the critic trains on are GAE over the KL-shaped rewards (plain composition)."""
+    actor, iface, _, out = rollout(tokenizer, n=3, seed=4)
+    scores = torch.tensor([2.0, -1.0, 0.5])
+    data, critic, _ = ppo_train_batch(tokenizer, actor, iface, out, scores)
+    batch = critic.returns.compute(data)
+    cu = data.cu_seqlens("packed_input_ids")
+    mask = answer_mask_T1(data.data["prompt_mask"], cu)
+    no_eos = data.data["no_eos_mask"]
+    rewards = kl_shaped_rewards(
+        scores, data.data["logprobs"], data.data["ref_logprobs"], mask, cu, 0.05, no_eos,
+        reward_clip=5.0,
+    )  # fmt: skip
+    values, boot = split_critic_values(data.data["values"], cu, no_eos)
+    adv, ret = gae_packed(rewards, values, cu, boot, 1.0, 1.0, mask)
+    torch.testing.assert_close(batch.returns_T1, ret)
+    torch.testing.assert_close(batch.advantages_T1, adv)
+
+
+def test_adaptive_kl_state_round_trip(tokenizer):
+    actor, iface, _, out = rollout(tokenizer, n=2, seed=5, adaptive_kl_ctl=True, value_norm=True)
+    data, _, _ = ppo_train_batch(tokenizer, actor, iface, out, torch.tensor([1.0, 0.0]))
+    iface.train_step(actor, data, MB)
+    state = iface.state_dict()
+    assert state["kl_ctl"]["value"] != pytest.approx(0.05, abs=0)
+    fresh = INTERFACES.get("ppo_actor")(**ppo_args(adaptive_kl_ctl=True, value_norm=True))
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+
+
+def test_early_stop_skips_minibatches(tokenizer):
+    actor, iface, _, out = rollout(tokenizer, n=4, seed=6, early_stop_imp_ratio=1e-6)
+    data, _, _ = ppo_train_batch(tokenizer, actor, iface, out, torch.ones(4))
+    before = copy_params(actor.module.module)
+    stats = iface.train_step(actor, data, MB)
+    assert stats["n_skipped_minibatches"] == 2
+    assert not changed(before, actor.module.module)
+
+
+def test_unknown_argument_is_an_error():
+    with pytest.raises(ValueError, match="kl_ctrl.*did you mean 'kl_ctl'"):
+        INTERFACES.get("ppo_actor")(**ppo_args(kl_ctrl=0.1))
