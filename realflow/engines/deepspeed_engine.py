@@ -171,6 +171,8 @@ class DeepSpeedBackend:
 
         ensure_process_group()
         self.stage = engine_cfg.zero_stage
+        # ZeRO-2/3 reduce-scatter gradients in every backward; ZeRO-0/1 reduce once in step().
+        self.collective_backward = self.stage >= 2
         self.clip = optim_cfg.gradient_clipping
         self._grad_norm: float | None = None
         config = deepspeed_config(engine_cfg, optim_cfg)
@@ -180,11 +182,19 @@ class DeepSpeedBackend:
             # a pre-step hook instead, which runs after deepspeed's dp all-reduce.
             config["gradient_clipping"] = 0.0
             client_optimizer.register_step_pre_hook(self._clip_hook)
+        mpu = _DataParallelMPU(dp_group)
+        if self.stage == 3 and mpu.get_data_parallel_world_size() != dist.get_world_size():
+            raise EngineError(
+                f"deepspeed ZeRO-3 needs a dp group spanning the whole world "
+                f"({dist.get_world_size()} ranks), got {mpu.get_data_parallel_world_size()} ranks: "
+                "deepspeed 0.19 runs world-wide barriers and rank-0 broadcasts in ZeRO-3; "
+                "use zero_stage 0, 1 or 2 for models on a subset of the ranks"
+            )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=client_optimizer,
             config=config,
-            mpu=_DataParallelMPU(dp_group),
+            mpu=mpu,
             dist_init_required=False,
         )
         self.module = self.engine.module

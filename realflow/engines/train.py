@@ -124,6 +124,7 @@ class Backend(Protocol):
     module: nn.Module  # the unwrapped module
     call_module: nn.Module  # what loss_fn and forward_no_grad receive (may wrap `module`)
     device: torch.device
+    collective_backward: bool  # whether each backward communicates over the dp group
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
 
@@ -144,6 +145,7 @@ class TorchBackend:
     """Plain torch: AdamW, `clip_grad_norm_`, bf16 autocast, a manual dp gradient average."""
 
     name = "torch"
+    collective_backward = False  # gradients are averaged once, in step()
 
     def __init__(
         self,
@@ -253,17 +255,20 @@ class TrainEngine:
         weights = [float(loss_weight_fn(mb)) for mb in micro_batches]
         if any(w < 0 or not math.isfinite(w) for w in weights):
             raise EngineError(f"loss weights must be finite and >= 0, got {weights}")
-        total, dp_size = self._global_weight(sum(weights))
+        total, dp_size, n_passes = self._dp_sync(sum(weights), len(micro_batches))
         if total <= 0:
             raise EngineError(f"loss weights sum to {total} over the dp group; need > 0")
         self.module.train()
         losses, all_stats = [], []
-        for mb, w in zip(micro_batches, weights):
+        for i in range(n_passes):
+            # Ranks with fewer micro-batches repeat their last one with weight 0 (see _dp_sync).
+            mb, w = (micro_batches[i], weights[i]) if i < len(weights) else (micro_batches[-1], 0.0)
             with self.backend.autocast():
                 loss, stats = loss_fn(self.backend.call_module, mb)
             self.backend.backward(loss * (w * dp_size / total))
-            losses.append({"loss": float(loss.detach())})
-            all_stats.append(stats)
+            if i < len(weights):
+                losses.append({"loss": float(loss.detach())})
+                all_stats.append(stats)
         lr = self.lr
         grad_norm = self.backend.step(lr)
         self.step += 1
@@ -272,16 +277,24 @@ class TrainEngine:
         out.update(grad_norm=grad_norm, lr=lr)
         return out
 
-    def _global_weight(self, local: float) -> tuple[float, int]:
-        """The sum of loss weights over the dp group, and the group's size."""
+    def _dp_sync(self, local_weight: float, n_micro_batches: int) -> tuple[float, int, int]:
+        """(sum of loss weights over the dp group, dp size, backward passes to run here).
+
+        When every backward is a collective (deepspeed ZeRO-2/3 reduce gradients per backward),
+        all dp ranks must run the same number of backward passes: the max over the group.
+        """
         active, size = dp_world(self.dp_group)
         if not active:
-            return local, 1
-        t = torch.tensor([local], dtype=torch.float64)
-        if dist.get_backend(self.dp_group) == "nccl":
-            t = t.to(self.device)
-        dist.all_reduce(t, group=self.dp_group)
-        return float(t.item()), size
+            return local_weight, 1, n_micro_batches
+        device = self.device if dist.get_backend(self.dp_group) == "nccl" else "cpu"
+        total = torch.tensor([local_weight], dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=self.dp_group)
+        n_passes = n_micro_batches
+        if self.backend.collective_backward:
+            count = torch.tensor([n_micro_batches], dtype=torch.int64, device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.dp_group)
+            n_passes = int(count.item())
+        return float(total.item()), size, n_passes
 
     def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
         """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
