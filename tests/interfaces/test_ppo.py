@@ -9,6 +9,7 @@ import torch
 from iface_testutils import MB, changed, copy_params, dataset_batch, inference_model, train_model
 
 from realflow.algorithms import gae_packed, kl_shaped_rewards, split_critic_values
+from realflow.api.data import SequenceSample
 from realflow.api.registry import INTERFACES
 from realflow.interfaces.common import answer_mask_T1
 
@@ -160,3 +161,40 @@ def test_early_stop_skips_minibatches(tokenizer):
 def test_unknown_argument_is_an_error():
     with pytest.raises(ValueError, match="kl_ctrl.*did you mean 'kl_ctl'"):
         INTERFACES.get("ppo_actor")(**ppo_args(kl_ctrl=0.1))
+
+
+def synthetic_batch(no_eos, scores):
+    """Two sequences (prompt 2 tokens, answer 3) with zero log-probs and values."""
+    n = len(scores)
+    return SequenceSample.from_sequences(
+        list(range(n)),
+        {
+            "packed_input_ids": [torch.arange(5)] * n,
+            "prompt_mask": [torch.tensor([True, True, False, False, False])] * n,
+            "logprobs": [torch.zeros(4)] * n,
+            "ref_logprobs": [torch.zeros(4)] * n,
+            "values": [torch.zeros(5)] * n,
+            "rewards": [torch.tensor([s]) for s in scores],
+            "no_eos_mask": [torch.tensor([b]) for b in no_eos],
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (dict(), [3.0, 1.0]),
+        (dict(no_eos_penalty=-1.0), [2.0, 1.0]),
+        (dict(mask_no_eos_with_zero=True), [0.0, 1.0]),
+        (dict(reward_output_bias=1.0, reward_output_scaling=2.0), [4.0, 0.0]),
+        (dict(max_reward_clip=2.0), [2.0, 1.0]),
+    ],
+)
+def test_score_processing_arguments(changes, expected):
+    from realflow.interfaces.ppo import PPOArgs, PPOReturns
+
+    returns = PPOReturns(PPOArgs(**changes))
+    batch = returns.compute(synthetic_batch([True, False], [3.0, 1.0]))
+    # Zero values, zero KL, gamma = lambda = 1: every answer position's return is the score.
+    assert batch.returns_T1.view(2, 4)[:, 1:].tolist() == [[e] * 3 for e in expected]
+    assert batch.stats["reward/mean"] == 2.0

@@ -116,3 +116,25 @@ def test_dpo_stats_match_formula(tokenizer, loss_type, smoothing):
 def test_unknown_dpo_loss_type_is_an_error():
     with pytest.raises(ValueError, match="loss_type"):
         INTERFACES.get("dpo")(loss_type="sigmod")
+
+
+def test_sft_loss_does_not_depend_on_micro_batching(tokenizer):
+    data = dataset_batch("sft", tokenizer, 6)
+    sft = INTERFACES.get("sft")()
+    a = sft.train_step(train_model(tokenizer), data, MB)
+    b = sft.train_step(train_model(tokenizer), data, NO_LIMIT)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["n_tokens"] == b["n_tokens"]
+
+
+def test_save_writes_a_loadable_hf_dir(tokenizer, tmp_path):
+    from realflow.models.hf_io import load_hf
+
+    model = train_model(tokenizer)
+    INTERFACES.get("sft")().save(model, str(tmp_path / "actor"))
+    loaded, tok = load_hf(str(tmp_path / "actor"), head="lm")
+    assert tok is not None and len(tok) == len(tokenizer)
+    ids = torch.tensor([1, 40, 50, 60])
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, cu), model.module.module(ids, cu))
