@@ -34,6 +34,19 @@ def flatten_step(
     return row
 
 
+def drop_rows_after(output_dir: str, step: int) -> None:
+    """Remove the rows of steps after `step` from metrics.jsonl: a resumed run rewrites them."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     def __init__(
         self,
@@ -104,7 +117,8 @@ class MetricsWriter:
 
 
 class Tracer:
-    """Chrome trace (opens in Perfetto): a track per worker, one complete event per MFC call."""
+    """Chrome trace (opens in Perfetto): a track per worker, one complete event per MFC call
+    with args `step`, `n_seqs` and `store` (entries the worker holds after the call)."""
 
     def __init__(self, path: str, worker_names: dict[int, str]):
         self.path = path
@@ -123,7 +137,7 @@ class Tracer:
                 "tid": result.worker,
                 "ts": (result.start - self.t0) * 1e6,
                 "dur": (result.end - result.start) * 1e6,
-                "args": {"step": result.step, "n_seqs": n_seqs},
+                "args": {"step": result.step, "n_seqs": n_seqs, "store": result.store_size},
             }
         )
 

@@ -15,7 +15,7 @@ from realflow.api.dfg import DataflowGraph, write_dfg_files
 from realflow.experiments.common import ExperimentConfig
 from realflow.system.checkpoint import latest_checkpoint, write_checkpoint
 from realflow.system.master import Master, RunFailure
-from realflow.system.observe import MetricsWriter, Tracer
+from realflow.system.observe import MetricsWriter, Tracer, drop_rows_after
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, WorkerSpec
 
@@ -113,6 +113,7 @@ def run(name: str, cfg: ExperimentConfig) -> RunResult:
     if found:
         first_step = found[0] + 1
         run_cfg = resume_config(run_cfg, found[1])
+        drop_rows_after(output_dir, found[0])  # steps past the checkpoint run again
         logger.info("resuming from %s (step %d)", found[1], found[0])
     elif cfg.recover_mode != "auto" and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
         os.remove(os.path.join(output_dir, "metrics.jsonl"))
@@ -173,7 +174,8 @@ def _run_with(
         on_call=lambda r: tracer.record(r, dfg.mfc(r.mfc).n_seqs),
     )
     last_ckpt = [resume_from]
-    save_workers = [s.index for s in specs if s.trained_roles or s.serves_dataset]
+    # Every worker saves (and on resume loads) its state file: interface state and RNG too.
+    save_workers = workers
 
     def save(step: int) -> None:
         last_ckpt[0] = write_checkpoint(

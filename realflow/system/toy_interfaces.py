@@ -103,6 +103,7 @@ class ToyNode:
     sleep_s: float = 0.0
     fail_on_call: int = 0
     hang_on_call: int = 0
+    hang_s: float = 3600.0
 
 
 @dataclasses.dataclass
@@ -136,6 +137,7 @@ class ToyConfig(ExperimentConfig):
                         "sleep_s": n.sleep_s,
                         "fail_on_call": n.fail_on_call,
                         "hang_on_call": n.hang_on_call,
+                        "hang_s": n.hang_s,
                     },
                 ),
                 n_seqs=self.n_seqs,

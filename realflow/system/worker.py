@@ -76,6 +76,7 @@ class MFCResult:
     stats: dict[str, float]
     start: float
     end: float
+    store_size: int = 0  # (sample, key) entries the worker holds after the call: spots leaks
 
 
 def call_seed(seed: int, step: int, name: str) -> int:
@@ -244,7 +245,10 @@ class ModelWorker:
                 out = out.select(mfc.output_keys)
                 self._put(out)
                 meta = out.meta()
-        return MFCResult(mfc.name, req.step, self.index, meta, dict(stats), start, time.time())
+        end = time.time()
+        return MFCResult(
+            mfc.name, req.step, self.index, meta, dict(stats), start, end, self.store_size()
+        )
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
