@@ -117,14 +117,15 @@ def _sdpa_varlen(q_THD, k_TKD, v_TKD, seqs: PackedSeqs, scale: float) -> torch.T
         )
         return out[0].transpose(0, 1)
     outs = []
-    start = 0
-    for n in seqs.seqlens:
-        sl = slice(start, start + n)
-        q = q_THD[sl].transpose(0, 1)[None]
-        k = k_TKD[sl].transpose(0, 1)[None]
-        v = v_TKD[sl].transpose(0, 1)[None]
-        outs.append(_sdpa(q, k, v, scale)[0].transpose(0, 1))
-        start += n
+    # torch.split, not slicing: its backward is one concatenation instead of a zero-filled
+    # full-size gradient per sequence.
+    for q, k, v in zip(
+        q_THD.split(seqs.seqlens), k_TKD.split(seqs.seqlens), v_TKD.split(seqs.seqlens)
+    ):
+        out = _sdpa(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale
+        )
+        outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 
