@@ -23,12 +23,19 @@ Data-parallel group. deepspeed takes its data-parallel group from an `mpu` objec
 `_DataParallelMPU(dp_group)`: data parallel = `dp_group` (the world when None), model/tensor/
 pipeline parallel = a one-rank group of this rank (created with local synchronisation, so ranks
 outside the model are never involved). deepspeed stores the groups it needs (ZeRO partition
-group, grad-norm group) in the engine and optimizer at initialise time. Caveat: deepspeed also
-stores the last `mpu` in a process-global (`deepspeed.utils.groups.mpu`) read by a few
-helpers (deepspeed's own checkpointing, MoE, sequence parallel), which realflow does not use;
-several engines with different dp groups in one process are fine for train_batch/state_dict.
-Without an mpu deepspeed would clone the world group, a collective over every rank of the
-world, which would hang a runtime whose models live on subsets of the ranks.
+group, grad-norm group) in the engine and optimizer at initialise time. Without an mpu deepspeed
+would clone the world group, a collective over every rank of the world, which would hang a
+runtime whose models live on subsets of the ranks. Caveats:
+- ZeRO-0/1/2 work on any subgroup (tested with a 3-rank world and a model on 2 ranks). ZeRO-3
+  does not in deepspeed 0.19: it runs world-wide barriers while partitioning and rank-0
+  broadcasts checking the module trace on the first steps, so stage 3 requires `dp_group` to
+  span the world (an EngineError says so otherwise).
+- ZeRO-2/3 reduce-scatter in every backward, so all dp ranks must run the same number of
+  backward passes: TrainEngine all-reduces the max micro-batch count and ranks with fewer
+  micro-batches repeat their last one with loss weight 0 (`collective_backward` below).
+- deepspeed also keeps the last `mpu` in a process-global (`deepspeed.utils.groups.mpu`) read by
+  a few helpers (its own checkpointing, MoE, sequence parallel) that realflow does not use;
+  several engines with different dp groups in one process are fine for what realflow calls.
 
 If torch.distributed is not initialised, a single-process world is created (gloo on CPU, nccl
 on CUDA) from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, which default to a free

@@ -62,16 +62,20 @@ def test_zero_grad_accumulation_is_exact(stage):
         torch.testing.assert_close(w1[k], w3[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_resume_is_bit_identical(stage):
+@pytest.mark.parametrize("stage, bf16", [(0, False), (2, False), (3, False), (2, True)])
+def test_zero_resume_is_bit_identical(stage, bf16):
+    """With bf16 the saved weights are bf16: the fp32 master weights come from the state."""
     data = batches()
-    straight = build("deepspeed", zero_stage=stage)
+    straight = build("deepspeed", zero_stage=stage, bf16=bf16)
     train(straight, data, n_mbs=2)
 
-    first = build("deepspeed", zero_stage=stage)
+    first = build("deepspeed", zero_stage=stage, bf16=bf16)
     train(first, data[:3], n_mbs=2)
     state, saved_weights = first.state_dict(), weights(first)
-    resumed = build("deepspeed", zero_stage=stage, seed=7, state=saved_weights)
+    assert all(
+        v.dtype == (torch.bfloat16 if bf16 else torch.float32) for v in saved_weights.values()
+    )
+    resumed = build("deepspeed", zero_stage=stage, bf16=bf16, seed=7, state=saved_weights)
     resumed.load_state_dict(state)
     assert resumed.step == 3
     train(resumed, data[3:], n_mbs=2)
