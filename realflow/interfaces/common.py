@@ -331,8 +331,8 @@ def rollout(
     result = SequenceSample.from_sequences(data.ids, seqs, metadata=dict(data.metadata))
     result.data = {k: v.to(out_device) for k, v in result.data.items()}
     if not logprobs_are_exact(gconfig):
-        # The sampling distribution was filtered: store the unfiltered log-probs that training
-        # compares against, so the first PPO ratio is exactly 1.
+        # The sampling distribution was filtered (top-k/top-p/min_new_tokens): store the
+        # unfiltered log-probs that training computes, so the importance ratio starts at 1.
         fn = lambda m, mb, dev: token_logprobs(m, mb, dev, temperature)  # noqa: E731
         logp = map_micro_batches(model, result, mb_spec, fn, "generate")
         mask = answer_mask_T1(result.data["prompt_mask"], result.cu_seqlens(IDS, device=out_device))

@@ -377,7 +377,9 @@ class PPOCriticInterface(ModelInterface):
         stats = train_minibatches(
             engine, sample, self.args.ppo_n_minibatches, mb_spec, self.loss, n_loss_tokens
         )
-        return {**batch.stats, **stats}
+        # Reward and KL statistics are the actor's to report; the critic adds its own.
+        own = {k: batch.stats[k] for k in ("returns/mean", "values/mean")}
+        return {**own, **stats}
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)
