@@ -61,18 +61,21 @@ def flash_attn_available() -> bool:
     return True
 
 
-def resolve_attn_impl(impl: str, device: torch.device) -> str:
-    """The backend to run: `auto` picks flash on CUDA when installed, else the CPU default."""
+def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend to run: `auto` picks flash for fp16/bf16 CUDA tensors when flash-attn is
+    installed, else `sdpa_varlen` (the measured CPU choice)."""
+    half = dtype in (torch.float16, torch.bfloat16)
     if impl == "auto":
-        if device.type == "cuda" and flash_attn_available():
+        if device.type == "cuda" and half and flash_attn_available():
             return "flash"
         return CPU_DEFAULT_IMPL
     if impl not in ATTN_BACKENDS:
         raise ValueError(f"attn_impl {impl!r} is unknown; choose one of {['auto', *ATTN_BACKENDS]}")
-    if impl == "flash" and (device.type != "cuda" or not flash_attn_available()):
+    if impl == "flash" and (device.type != "cuda" or not half or not flash_attn_available()):
         raise ValueError(
-            f"attn_impl 'flash' needs CUDA tensors and flash-attn installed (device={device}, "
-            f"flash_attn importable={flash_attn_available()}); use 'auto' or 'sdpa_varlen'"
+            f"attn_impl 'flash' needs fp16/bf16 CUDA tensors and flash-attn installed (device="
+            f"{device}, dtype={dtype}, flash_attn importable={flash_attn_available()}); use 'auto' "
+            "or 'sdpa_varlen'"
         )
     return impl
 

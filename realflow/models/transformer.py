@@ -92,17 +92,17 @@ class PackedTransformer(nn.Module):
         h = self.embed_tokens(input_ids_T)
         if self.embed_positions is not None:
             h = h + self.embed_positions(position_ids_T)
+        dtype = (
+            torch.get_autocast_dtype(h.device.type)
+            if torch.is_autocast_enabled(h.device.type)
+            else h.dtype
+        )
         ctx = ForwardContext(
             seqs=seqs,
-            attn_impl=resolve_attn_impl(self.config.attn_impl, h.device),
+            attn_impl=resolve_attn_impl(self.config.attn_impl, h.device, dtype),
             cache=cache,
         )
         if self.rotary is not None:
-            dtype = (
-                torch.get_autocast_dtype(h.device.type)
-                if torch.is_autocast_enabled(h.device.type)
-                else h.dtype
-            )
             ctx.cos_TD, ctx.sin_TD = self.rotary(position_ids_T, dtype)
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
