@@ -35,9 +35,9 @@ class KVCache:
         self.lens_B = torch.zeros(batch, dtype=torch.long, device=device)
         self._max_used = 0
         self.decoding = False
-        self._prefill_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._n_kv_heads, self._head_dim = n_kv_heads, head_dim
+        self._write_index: torch.Tensor | None = None  # flat slot of each (token, kv head)
         self._mask_B11L: torch.Tensor | None = None
-        self._rows_B: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------ prefill
 
@@ -51,15 +51,32 @@ class KVCache:
         device = self.lens_B.device
         lens = torch.tensor(seqs.seqlens, device=device)
         row_T = torch.repeat_interleave(torch.arange(self.n_rows, device=device), lens)
-        self._prefill_index = (row_T, position_ids_T)
+        self._write_index = self._flat_index(row_T, position_ids_T)
         self.lens_B = lens.clone()
         self._max_used = seqs.max_seqlen
         self.decoding = False
 
+    def _flat_index(self, row_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+        """Row index into a layer's cache viewed as (B * K * L_max, D), for every (n, kv head).
+
+        One `index_copy_` on that view is much cheaper on CPU than advanced-index assignment.
+        """
+        heads = torch.arange(self._n_kv_heads, device=row_N.device)
+        return (
+            (row_N[:, None] * self._n_kv_heads + heads) * self.max_len + pos_N[:, None]
+        ).reshape(-1)
+
+    def _write(self, layer: int, k_NKD: torch.Tensor, v_NKD: torch.Tensor) -> None:
+        d = self._head_dim
+        self._k[layer].view(-1, d).index_copy_(
+            0, self._write_index, k_NKD.reshape(-1, d).to(self._k.dtype)
+        )
+        self._v[layer].view(-1, d).index_copy_(
+            0, self._write_index, v_NKD.reshape(-1, d).to(self._v.dtype)
+        )
+
     def store_prefill(self, layer: int, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> None:
-        row_T, pos_T = self._prefill_index
-        self._k[layer][row_T, :, pos_T] = k_TKD.to(self._k.dtype)
-        self._v[layer][row_T, :, pos_T] = v_TKD.to(self._v.dtype)
+        self._write(layer, k_TKD, v_TKD)
 
     # ------------------------------------------------------------------------------- decode
 
@@ -71,7 +88,8 @@ class KVCache:
         length = self._max_used + 1
         slots = torch.arange(length, device=self.lens_B.device)
         self._mask_B11L = (slots[None, :] <= self.lens_B[:, None])[:, None, None, :]
-        self._rows_B = torch.arange(self.n_rows, device=self.lens_B.device)
+        rows_B = torch.arange(self.n_rows, device=self.lens_B.device)
+        self._write_index = self._flat_index(rows_B, self.lens_B)
         return self.lens_B
 
     def attend_decode(
@@ -83,10 +101,9 @@ class KVCache:
         scale: float,
     ) -> torch.Tensor:
         """Store this step's key/value of every active row and attend over its row; `out_BHD`."""
+        self._write(layer, k_BKD, v_BKD)
         k_cache = self._k[layer, : self.n_rows]
         v_cache = self._v[layer, : self.n_rows]
-        k_cache[self._rows_B, :, self.lens_B] = k_BKD.to(k_cache.dtype)
-        v_cache[self._rows_B, :, self.lens_B] = v_BKD.to(v_cache.dtype)
         length = self._max_used + 1
         return decode_attention(
             q_BHD,
