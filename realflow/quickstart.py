@@ -63,8 +63,19 @@ def _split_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], s
     return positional, overrides, presets, flags
 
 
-def _plugin_specs(overrides: Sequence[str]) -> list[str]:
+def _plugin_specs(overrides: Sequence[str], presets: Sequence[str]) -> list[str]:
+    """`plugins` of the YAML presets, then of the command line: they load before validation."""
+    from omegaconf import OmegaConf
+
     specs: list[str] = []
+    for preset in presets:
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(preset))
+        except Exception:  # apply_overrides reports an unreadable preset with the other problems
+            continue
+        plugins = loaded.get("plugins") if isinstance(loaded, dict) else None
+        if isinstance(plugins, list):
+            specs.extend(str(p) for p in plugins)
     for item in overrides:
         key, value = parse_override(item)
         if key == "plugins":
@@ -84,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         positional, overrides, presets, flags = _split_args(argv)
-        load_plugins(_plugin_specs(overrides))
+        load_plugins(_plugin_specs(overrides, presets))
     except (UsageError, ConfigError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import types
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -71,7 +73,7 @@ def leaf_paths(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
 
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] or X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return "|".join(type_name(a) for a in args) + (
             "|None" if len(args) < len(typing.get_args(tp)) else ""
@@ -84,11 +86,17 @@ def type_name(tp: Any) -> str:
 
 def describe_fields(cls: type) -> str:
     """Help text: one line per dotted key with type, default and doc."""
+    try:  # defaults as the experiment sets them (a parent's default_factory may change a leaf's)
+        instance = cls()
+    except TypeError:  # a required field: fall back to the leaf fields' own defaults
+        instance = None
     rows = []
     for path, f in leaf_paths(cls).items():
         owner_hints = _owner_hints(cls, path)
         tp = type_name(owner_hints[f.name])
-        if f.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = repr(functools.reduce(getattr, path.split("."), instance))
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = repr(f.default_factory())  # type: ignore[misc]
@@ -171,7 +179,12 @@ def apply_overrides(cls: type, overrides: Sequence[str] = (), presets: Sequence[
         except Exception as e:  # a missing file or bad YAML is the user's to fix
             problems.append(f"--config {preset}: cannot read YAML preset: {e}")
             continue
-        for key, value in _flatten(loaded if isinstance(loaded, dict) else {}, ""):
+        if not isinstance(loaded, dict):
+            problems.append(
+                f"--config {preset}: a preset must map keys to values, got a {type(loaded).__name__}"
+            )
+            continue
+        for key, value in _flatten(loaded, ""):
             items.append((key, value, f"(from {preset})"))
     for item in overrides:
         try:
@@ -179,7 +192,13 @@ def apply_overrides(cls: type, overrides: Sequence[str] = (), presets: Sequence[
         except ConfigError as e:
             problems.extend(e.problems)
             continue
-        items.append((key, OmegaConf.from_dotlist([f"x={value}"]).x if value != "" else value, ""))
+        if value != "":
+            try:  # YAML-typed, as in a preset: 3 -> int, [a,b] -> list
+                value = OmegaConf.from_dotlist([f"x={value}"]).x
+            except Exception as e:  # bad YAML or interpolation: the user's to fix
+                problems.append(_omegaconf_problem(e, key, value))
+                continue
+        items.append((key, value, ""))
     for key, value, origin in items:
         problem = _check_key(cls, key, valid)
         if problem is None:

@@ -150,6 +150,17 @@ class SequenceSample:
                 raise SequenceSampleError(
                     f"key '{key}': packed tensor has {t.shape[0]} rows, lengths sum to {expected}"
                 )
+            # meta() hands these to the master, which allocates by them: they must be the truth.
+            shape, dtype = self.trailing_shapes.get(key), self.dtypes.get(key)
+            if shape is not None and tuple(shape) != tuple(t.shape[1:]):
+                raise SequenceSampleError(
+                    f"key '{key}': trailing shape is declared {tuple(shape)}, "
+                    f"the tensor's is {tuple(t.shape[1:])}"
+                )
+            if dtype is not None and dtype != t.dtype:
+                raise SequenceSampleError(
+                    f"key '{key}': dtype is declared {dtype}, the tensor's is {t.dtype}"
+                )
 
     # ---- selection and keys ------------------------------------------------------------------
 
@@ -241,6 +252,17 @@ class SequenceSample:
             if not set(keys) <= s.keys:
                 raise SequenceSampleError(
                     f"cannot gather: sample with ids {s.ids} lacks keys {sorted(set(keys) - s.keys)}"
+                )
+        for k in keys:  # torch.cat would promote a dtype silently
+            declared = {
+                (str(s.dtypes[k]) if k in s.dtypes else None, s.trailing_shapes.get(k))
+                for s in samples
+            }
+            declared = {d for d in declared if d != (None, None)}
+            if len(declared) > 1:
+                raise SequenceSampleError(
+                    f"cannot gather key '{k}': the samples disagree on its (dtype, trailing "
+                    f"shape): {sorted(declared, key=str)}"
                 )
         with_data = [s.data is not None for s in samples]
         if any(with_data) and not all(with_data):

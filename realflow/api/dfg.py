@@ -77,6 +77,11 @@ class MFCDef:
     post_hooks: list[HookSpec] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.interface_type not in {t.value for t in InterfaceType}:
+            raise DFGError(
+                f"MFC '{self.name}': interface_type {self.interface_type!r} is not one of "
+                f"{', '.join(t.value for t in InterfaceType)}"
+            )
         self.interface_type = InterfaceType(self.interface_type)
         self.input_keys = tuple(self.input_keys)
         self.output_keys = tuple(self.output_keys)
@@ -185,7 +190,7 @@ class DataflowGraph:
         """A layered SVG picture (no graphviz needed): one row per topological generation."""
         generations = [sorted(g, key=self._rank) for g in nx.topological_generations(self.graph)]
         box_w, box_h, gap_x, gap_y = 190, 48, 40, 70
-        width = max(len(g) for g in generations) * (box_w + gap_x) + gap_x
+        width = max((len(g) for g in generations), default=0) * (box_w + gap_x) + gap_x
         height = len(generations) * (box_h + gap_y) + gap_y
         pos: dict[str, tuple[float, float]] = {}
         for row, names in enumerate(generations):

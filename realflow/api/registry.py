@@ -49,6 +49,7 @@ class Registry(Generic[T]):
         self.family = family
         self._builtin_modules = builtin_modules
         self._builtins_loaded = False
+        self._builtins_error: BaseException | None = None
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, obj: T | None = None) -> Any:
@@ -102,11 +103,19 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def _load_builtins(self) -> None:
+        if self._builtins_error is not None:  # fail every time, not only the first
+            raise ImportError(
+                f"the built-in {self.family} entries failed to load: {self._builtins_error!r}"
+            ) from self._builtins_error
         if self._builtins_loaded:
             return
         self._builtins_loaded = True
         for module in self._builtin_modules:
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except BaseException as e:
+                self._builtins_error = e
+                raise
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {len(self._entries)} entries)"
@@ -149,17 +158,23 @@ def load_plugins(specs: Iterable[str] = (), entry_points: bool = True) -> list[s
                 loaded.append(ep.value)
     for spec in specs:
         spec = spec.strip()
-        if not spec or spec in _loaded_plugins:
+        # A file is known by its resolved path: `x.py` and `./x.py` must not run it twice.
+        key = str(Path(spec).resolve()) if _is_file_spec(spec) else spec
+        if not spec or key in _loaded_plugins:
             continue
         _import_plugin(spec)
-        _loaded_plugins.add(spec)
+        _loaded_plugins.add(key)
         loaded.append(spec)
     return loaded
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(".py") or Path(spec).exists()
+
+
 def _import_plugin(spec: str) -> None:
     path = Path(spec)
-    if spec.endswith(".py") or path.exists():
+    if _is_file_spec(spec):
         if not path.is_file():
             raise RegistryError(f"plugin file '{spec}' does not exist")
         name = f"realflow_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
