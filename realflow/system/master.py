@@ -13,6 +13,7 @@ Keys are freed on every worker that holds them once their last consumer has fini
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -38,6 +39,8 @@ class StepState:
     meta: dict[str, SequenceSample] = dataclasses.field(default_factory=dict)  # key -> meta
     holders: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # key -> workers
     consumers: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # key -> MFCs left
+    missing: dict[str, int] = dataclasses.field(default_factory=dict)  # MFC -> input keys absent
+    ready: set[str] = dataclasses.field(default_factory=set)  # all inputs exist, not launched
     done: set[str] = dataclasses.field(default_factory=set)
     running: set[str] = dataclasses.field(default_factory=set)
     stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -73,8 +76,19 @@ class Master:
         self.timeout = mfc_timeout_s or None
         self.on_call = on_call or (lambda r: None)
         self.mfcs = dfg.mfcs
+        self.by_name = {m.name: m for m in self.mfcs}
+        self.rank = {m.name: i for i, m in enumerate(self.mfcs)}  # dispatch in DFG order
         self.trainer_of = {m.model_name: m.name for m in self.mfcs if m.is_train}
+        self.calls_on_model: dict[str, list[str]] = collections.defaultdict(list)
+        for m in self.mfcs:
+            if not m.is_train:
+                self.calls_on_model[m.model_name].append(m.name)
+        self.readers: dict[str, set[str]] = collections.defaultdict(set)  # key -> its MFCs
+        for m in self.mfcs:
+            for key in m.input_keys:
+                self.readers[key].add(m.name)
         self.calls: dict[Any, Call] = {}
+        self.busy: collections.Counter[int] = collections.Counter()  # worker -> busy calls
         self.steps: dict[int, StepState] = {}
 
     def worker_of(self, mfc: MFCDef) -> int:
@@ -104,7 +118,7 @@ class Master:
                     save(s)
             barrier = min((s for s in self.steps if save_after(s)), default=None)
             if next_fetch <= last_step and self._may_fetch(next_fetch, barrier):
-                self.steps[next_fetch] = StepState(next_fetch)
+                self.steps[next_fetch] = self._new_step(next_fetch)
                 self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
                 next_fetch += 1
             self._dispatch_ready(barrier)
@@ -120,8 +134,12 @@ class Master:
             return False
         return self._idle(self.data_worker)
 
+    def _new_step(self, step: int) -> StepState:
+        missing = {m.name: len(set(m.input_keys)) for m in self.mfcs}
+        return StepState(step, missing=missing, ready={n for n, k in missing.items() if k == 0})
+
     def _idle(self, worker: int) -> bool:
-        return not any(c.busy and c.worker == worker for c in self.calls.values())
+        return self.busy[worker] == 0
 
     def _dispatch_ready(self, barrier: int | None) -> None:
         for step in sorted(self.steps):
@@ -130,46 +148,39 @@ class Master:
             state = self.steps[step]
             if state.ids is None:
                 continue
-            for mfc in self.mfcs:
-                if (
-                    mfc.name in state.done
-                    or mfc.name in state.running
-                    or not self._ready(mfc, state)
-                ):
+            for name in sorted(state.ready, key=self.rank.__getitem__):
+                mfc = self.by_name[name]
+                if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
-                transfers = self._transfers(mfc, state)
-                workers = {self.worker_of(mfc)} | {t.src for t in transfers}
-                if all(self._idle(w) for w in workers):
-                    self._launch(mfc, state, transfers)
+                sources = self._sources(mfc, state)
+                if all(self._idle(w) for w in sources):
+                    self._launch(mfc, state, sources)
 
-    def _ready(self, mfc: MFCDef, state: StepState) -> bool:
-        if any(k not in state.holders for k in mfc.input_keys):
-            return False
+    def _version_allows(self, mfc: MFCDef, state: StepState) -> bool:
         prev = self.steps.get(state.step - 1)
         trainer = self.trainer_of.get(mfc.model_name)
         if trainer is not None and prev is not None and trainer not in prev.done:
             return False  # parameter version: step t reads weights after train of step t-1
         if mfc.is_train:
-            same_model = [
-                m.name for m in self.mfcs if m.model_name == mfc.model_name and not m.is_train
-            ]
-            if any(n not in state.done for n in same_model):
+            if any(n not in state.done for n in self.calls_on_model[mfc.model_name]):
                 return False
         return True
 
-    def _transfers(self, mfc: MFCDef, state: StepState) -> list[Transfer]:
+    def _sources(self, mfc: MFCDef, state: StepState) -> dict[int, list[str]]:
+        """The input keys of `mfc` that its worker lacks, by the worker they are fetched from."""
         dst = self.worker_of(mfc)
         by_src: dict[int, list[str]] = {}
         for key in mfc.input_keys:
             if dst not in state.holders[key]:
                 by_src.setdefault(min(state.holders[key]), []).append(key)
-        return [
-            Transfer(src, _merge_meta([state.meta[k] for k in keys]))
-            for src, keys in sorted(by_src.items())
-        ]
+        return by_src
 
-    def _launch(self, mfc: MFCDef, state: StepState, transfers: list[Transfer]) -> None:
+    def _launch(self, mfc: MFCDef, state: StepState, sources: dict[int, list[str]]) -> None:
         dst = self.worker_of(mfc)
+        transfers = [
+            Transfer(src, _merge_meta([state.meta[k] for k in keys]))
+            for src, keys in sorted(sources.items())
+        ]
         self.transport.before_mfc(dst, transfers)
         for t in transfers:
             self._submit(t.src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
@@ -177,6 +188,7 @@ class Master:
                 state.holders[key].add(dst)
         req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers)
         self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
+        state.ready.discard(mfc.name)
         state.running.add(mfc.name)
 
     def _submit(
@@ -186,6 +198,7 @@ class Master:
             return
         handle = self.transport.submit(worker, kind, payload)
         self.calls[handle] = Call(kind, worker, step, mfc, time.time(), busy)
+        self.busy[worker] += busy
 
     @property
     def transport_sends(self) -> bool:
@@ -210,6 +223,7 @@ class Master:
             return
         for handle in done:
             call = self.calls.pop(handle)
+            self.busy[call.worker] -= call.busy
             try:
                 value = self.transport.result(handle)
             except WorkerFailure as e:
@@ -244,7 +258,7 @@ class Master:
             assert state is not None
             result: MFCResult = value
             self.on_call(result)
-            mfc = self.dfg.mfc(result.mfc)
+            mfc = self.by_name[result.mfc]
             state.running.discard(mfc.name)
             state.done.add(mfc.name)
             state.stats[mfc.name] = result.stats
@@ -254,9 +268,14 @@ class Master:
             self._release_inputs(state, mfc)
 
     def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
+        first = key not in state.meta
         state.meta[key] = meta
         state.holders[key] = {worker}
-        state.consumers[key] = {m.name for m in self.mfcs if key in m.input_keys}
+        state.consumers[key] = set(self.readers[key])
+        for name in self.readers[key] if first else ():
+            state.missing[name] -= 1
+            if state.missing[name] == 0:
+                state.ready.add(name)
 
     def _release_inputs(self, state: StepState, mfc: MFCDef) -> None:
         finished = []
