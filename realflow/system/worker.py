@@ -94,7 +94,10 @@ class ModelWorker:
         self.spec = spec
         self.index = spec.index
         self.fetch_remote = fetch_remote
-        self.store: dict[Any, SequenceSample] = {}
+        # sample id -> key -> that key of that one sample; and the sample's merged metadata. Per
+        # key, so that storing, reading and freeing cost what they touch, not all keys held.
+        self.store: dict[Any, dict[str, SequenceSample]] = {}
+        self.store_metadata: dict[Any, dict[str, list[Any]]] = {}
         self.models: dict[str, Model] = {}
         self.interfaces: dict[str, ModelInterface] = {}
         self.mfcs = {m.name: m for m in spec.mfcs}
@@ -173,20 +176,34 @@ class ModelWorker:
         return batch.meta()
 
     def _put(self, sample: SequenceSample) -> None:
+        """Keep each key of each sample; keys already held are kept as they are."""
         for one in sample.unpack():
-            held = self.store.get(one.ids[0])
-            if held is None:
-                self.store[one.ids[0]] = one
-            else:
-                held.update_(one.select(one.keys - held.keys))
+            i = one.ids[0]
+            held = self.store.setdefault(i, {})
+            for key in one.keys - held.keys():
+                held[key] = one.select([key])
+            self.store_metadata.setdefault(i, {}).update(one.metadata)
 
     def local_data(self, ids: list[Any], keys: list[str]) -> SequenceSample:
-        try:
-            return SequenceSample.gather([self.store[i] for i in ids], keys)
-        except KeyError as e:
-            raise RuntimeError(
-                f"worker {self.index} holds no data for sample {e.args[0]!r}"
-            ) from None
+        samples = []
+        for i in ids:
+            held = self.store.get(i, {})
+            missing = [k for k in keys if k not in held]
+            if missing:
+                raise RuntimeError(
+                    f"worker {self.index} holds no data for sample {i!r} keys {missing}"
+                )
+            samples.append(
+                SequenceSample(
+                    ids=[i],
+                    seqlens={k: held[k].seqlens[k] for k in keys},
+                    data={k: held[k].data[k] for k in keys},  # type: ignore[index]
+                    trailing_shapes={k: held[k].trailing_shapes[k] for k in keys},
+                    dtypes={k: held[k].dtypes[k] for k in keys},
+                    metadata=self.store_metadata[i],
+                )
+            )
+        return SequenceSample.gather(samples, keys)
 
     def free(self, payload: tuple[list[Any], list[str]]) -> None:
         ids, keys = payload
@@ -194,11 +211,11 @@ class ModelWorker:
             held = self.store.get(i)
             if held is None:
                 continue
-            left = held.keys - set(keys)
-            if left:
-                self.store[i] = held.select(sorted(left))
-            else:
+            for key in keys:
+                held.pop(key, None)
+            if not held:
                 del self.store[i]
+                del self.store_metadata[i]
 
     def send(self, payload: tuple[int, Transfer]) -> None:
         """Send the tensors of a Transfer to worker `dst` (which receives them in its MFC)."""
@@ -208,7 +225,7 @@ class ModelWorker:
         send_sample(self.local_data(transfer.meta.ids, sorted(transfer.meta.keys)), dst)
 
     def store_size(self, _: Any = None) -> int:
-        return sum(len(s.keys) for s in self.store.values())
+        return sum(len(held) for held in self.store.values())
 
     # ---- model function calls ---------------------------------------------------------------
 
