@@ -10,16 +10,30 @@ clipping, mixed precision, offload) for any `nn.Module`.
 Importing this package does not import deepspeed; the deepspeed backend loads it when built.
 """
 
-from realflow.engines.config import EngineConfig, OptimizerConfig
-from realflow.engines.schedule import lr_at, lr_factor, warmup_steps
-from realflow.engines.train import (
-    EngineError,
-    InferenceEngine,
-    LossFn,
-    LossWeightFn,
-    TrainEngine,
-    build_train_engine,
-)
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EngineConfig": "realflow.engines.config",
+    "OptimizerConfig": "realflow.engines.config",
+    "lr_at": "realflow.engines.schedule",
+    "lr_factor": "realflow.engines.schedule",
+    "warmup_steps": "realflow.engines.schedule",
+    "EngineError": "realflow.engines.train",
+    "InferenceEngine": "realflow.engines.train",
+    "LossFn": "realflow.engines.train",
+    "LossWeightFn": "realflow.engines.train",
+    "TrainEngine": "realflow.engines.train",
+    "build_train_engine": "realflow.engines.train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that configs (realflow.engines.config) load without torch.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'realflow.engines' has no attribute '{name}'")
+
 
 __all__ = [
     "EngineConfig",

@@ -44,6 +44,16 @@ class ModelConfig:
         )
 
 
+def model_field(path: str = "builtin:tiny", lr: float = 2e-5, **kwargs: Any) -> Any:
+    """A ModelConfig field with its own defaults. The built-in experiments' learning rates are
+    tuned for the built-in tiny default; set `<role>.optimizer.lr` for real models."""
+
+    def make() -> ModelConfig:
+        return ModelConfig(path=path, optimizer=OptimizerConfig(lr=lr), **kwargs)
+
+    return dataclasses.field(default_factory=make)
+
+
 @dataclasses.dataclass
 class DatasetConfig:
     """Where samples come from."""

@@ -7,7 +7,13 @@ import dataclasses
 from realflow.api.config import field_
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+from realflow.experiments.common import (
+    ExperimentConfig,
+    ModelConfig,
+    ModelRole,
+    interface_args,
+    model_field,
+)
 
 
 @dataclasses.dataclass
@@ -29,8 +35,8 @@ class DPOHyperparameters:
 class DPOConfig(ExperimentConfig):
     """DPO on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
 
-    actor: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    ref: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
+    ref: ModelConfig = model_field("builtin:reverse-sft")
     dpo: DPOHyperparameters = dataclasses.field(default_factory=DPOHyperparameters)
 
     dataset_type = "paired"

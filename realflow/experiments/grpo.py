@@ -7,7 +7,13 @@ import dataclasses
 from realflow.api.config import field_
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+from realflow.experiments.common import (
+    ExperimentConfig,
+    ModelConfig,
+    ModelRole,
+    interface_args,
+    model_field,
+)
 from realflow.experiments.ppo import GenerationHyperparameters, RewardConfig
 
 
@@ -32,13 +38,10 @@ class GRPOHyperparameters:
 class GRPOConfig(ExperimentConfig):
     """GRPO on prompt-only data, built-in task by default."""
 
-    actor: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
-    )
-    ref: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
-    )
-    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="builtin:tiny"))
+    actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
+    ref: ModelConfig = model_field("builtin:reverse-sft")
+    rew: ModelConfig = model_field("builtin:tiny")
+    total_steps: int = field_(200, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
 

@@ -7,7 +7,13 @@ import dataclasses
 from realflow.api.config import field_
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, interface_args
+from realflow.experiments.common import (
+    ExperimentConfig,
+    ModelConfig,
+    ModelRole,
+    interface_args,
+    model_field,
+)
 
 
 @dataclasses.dataclass
@@ -60,7 +66,10 @@ class RewardConfig:
         return problems
 
     def needs_model(self) -> bool:
-        return "model" in self.scorers
+        """Whether any scorer reads the reward role's weights."""
+        from realflow.api.registry import REWARD_SCORERS
+
+        return any(getattr(REWARD_SCORERS.get(s), "needs_model", False) for s in self.scorers)
 
 
 @dataclasses.dataclass
@@ -100,16 +109,11 @@ class PPOHyperparameters:
 class PPOConfig(ExperimentConfig):
     """PPO on prompt-only data (JSONL rows {"prompt", ...}), built-in task by default."""
 
-    actor: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
-    )
-    critic: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="builtin:reverse-sft", init_from_actor=True)
-    )
-    ref: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="builtin:reverse-sft")
-    )
-    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="builtin:tiny"))
+    actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
+    critic: ModelConfig = model_field("builtin:reverse-sft", lr=3e-3, init_from_actor=True)
+    ref: ModelConfig = model_field("builtin:reverse-sft")
+    rew: ModelConfig = model_field("builtin:tiny")
+    total_steps: int = field_(200, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
 

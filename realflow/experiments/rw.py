@@ -6,7 +6,7 @@ import dataclasses
 
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, model_field
 
 
 @EXPERIMENTS.register("rw")
@@ -14,7 +14,7 @@ from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
 class RWConfig(ExperimentConfig):
     """Trains `rew` on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
 
-    rew: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(init_from_actor=True))
+    rew: ModelConfig = model_field("builtin:tiny", lr=1e-3, init_from_actor=True)
 
     dataset_type = "paired"
     dataset_keys = ("packed_input_ids", "prompt_mask")

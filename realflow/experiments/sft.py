@@ -6,7 +6,7 @@ import dataclasses
 
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
+from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, model_field
 
 
 @EXPERIMENTS.register("sft")
@@ -14,7 +14,7 @@ from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
 class SFTConfig(ExperimentConfig):
     """SFT on prompt-answer data (JSONL rows {"prompt", "answer"})."""
 
-    actor: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    actor: ModelConfig = model_field("builtin:tiny", lr=3e-3)
 
     dataset_type = "prompt_answer"
     dataset_keys = ("packed_input_ids", "prompt_mask")

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 SFT_RECIPE_VERSION = 1
 # Short on purpose: the default RL runs need a policy that is right only part of the time.
-SFT_STEPS = 40
+SFT_STEPS = 100
 
 
 def cache_dir() -> str:
