@@ -136,13 +136,13 @@ def test_preset_problems_name_the_preset(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("ppo:\n  kl_ctll: 0.2\n")
     err = user_error(
-        "ppo", "--config", "configs/no_such_preset.yaml", "--config", str(preset), "n_seqs=-1"
+        "ppo", "--config", "configs/no_such_preset.yaml", "--config", str(preset), "n_seqs=-2"
     )
     problems = problem_lines(err)
     assert len(problems) == 3, err
     assert problems[0].startswith("--config configs/no_such_preset.yaml: cannot read YAML")
     assert f"ppo.kl_ctll: unknown key; did you mean 'ppo.kl_ctl'? (from {preset})" in problems
-    assert "n_seqs: -1 must be > 0" in problems
+    assert "n_seqs: -2 must be > 0" in problems
 
 
 @pytest.mark.xfail(
