@@ -147,10 +147,9 @@ def test_preset_problems_name_the_preset(tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="refusing a config imports torch (seconds): realflow.experiments.common imports "
-    "realflow.engines.config, whose package __init__ imports engines.train (torch); and "
-    "RewardConfig.validate looks up REWARD_SCORERS, whose module realflow.interfaces.scorers "
-    "imports torch at the top (and realflow.interfaces/__init__ imports every interface)",
+    reason="refusing a config imports torch (seconds): RewardConfig validation looks up "
+    "REWARD_SCORERS, whose built-in module realflow.interfaces.scorers imports torch at the top, "
+    "and importing it runs realflow/interfaces/__init__.py, which imports every interface",
 )
 def test_refusing_a_config_does_not_import_torch():
     # The deterministic form of the "exit 2 within a few seconds" requirement.
