@@ -7,33 +7,36 @@ clipping, mixed precision, offload) for any `nn.Module`.
                                 OptimizerConfig(lr=1e-5), total_train_steps=1000)
     stats = engine.train_batch(micro_batches, loss_fn, loss_weight_fn)
 
-Importing this package does not import deepspeed; the deepspeed backend loads it when built.
+Importing this package is cheap: the configs and the schedule import no torch, the engines load
+torch on first access, and deepspeed loads only when a deepspeed engine is built.
 """
 
+from __future__ import annotations
+
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_EXPORTS = {
-    "EngineConfig": "realflow.engines.config",
-    "OptimizerConfig": "realflow.engines.config",
-    "lr_at": "realflow.engines.schedule",
-    "lr_factor": "realflow.engines.schedule",
-    "warmup_steps": "realflow.engines.schedule",
-    "EngineError": "realflow.engines.train",
-    "InferenceEngine": "realflow.engines.train",
-    "LossFn": "realflow.engines.train",
-    "LossWeightFn": "realflow.engines.train",
-    "TrainEngine": "realflow.engines.train",
-    "build_train_engine": "realflow.engines.train",
+from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.schedule import lr_at, lr_factor, warmup_steps
+
+if TYPE_CHECKING:
+    from realflow.engines.train import (
+        EngineError,
+        InferenceEngine,
+        LossFn,
+        LossWeightFn,
+        TrainEngine,
+        build_train_engine,
+    )
+
+_LAZY = {
+    "EngineError",
+    "InferenceEngine",
+    "LossFn",
+    "LossWeightFn",
+    "TrainEngine",
+    "build_train_engine",
 }
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that configs (realflow.engines.config) load without torch.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'realflow.engines' has no attribute '{name}'")
-
 
 __all__ = [
     "EngineConfig",
@@ -48,3 +51,9 @@ __all__ = [
     "lr_factor",
     "warmup_steps",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("realflow.engines.train"), name)
+    raise AttributeError(f"module 'realflow.engines' has no attribute {name!r}")

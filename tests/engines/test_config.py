@@ -55,3 +55,22 @@ def test_engine_messages():
 def test_config_layer_prefixes_paths():
     problems = validate(EngineConfig(zero_stage=5), prefix="actor.engine.")
     assert problems == ["actor.engine.zero_stage (5) must be 0, 1, 2 or 3"]
+
+
+def test_importing_engines_is_cheap():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import realflow.engines, realflow.engines.config, realflow.engines.schedule\n"
+        "print([m for m in ('torch', 'deepspeed') if m in sys.modules])\n"
+        "from realflow.engines import build_train_engine\n"
+        "print([m for m in ('torch', 'deepspeed') if m in sys.modules])\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "['torch']"], out.stdout + out.stderr
