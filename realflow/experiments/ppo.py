@@ -69,7 +69,12 @@ class RewardConfig:
         """Whether any scorer reads the reward role's weights."""
         from realflow.api.registry import REWARD_SCORERS
 
-        return any(getattr(REWARD_SCORERS.get(s), "needs_model", False) for s in self.scorers)
+        # An unknown name is validate()'s to report (with the others), not a crash here.
+        return any(
+            getattr(REWARD_SCORERS.get(s), "needs_model", False)
+            for s in self.scorers
+            if s in REWARD_SCORERS
+        )
 
 
 @dataclasses.dataclass

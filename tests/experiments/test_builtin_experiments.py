@@ -99,10 +99,16 @@ def test_rules_across_fields(exp, overrides, expected):
     assert expected in problems_of(exp, *overrides)
 
 
-def test_unknown_reward_scorer_lists_the_known_ones():
-    (problem,) = problems_of("ppo", "reward.scorers=[taks]")
-    assert problem.startswith("reward.scorers: unknown reward scorer 'taks'. Known: ")
-    assert "Did you mean 'task'?" in problem
+@pytest.mark.parametrize("exp", ["ppo", "grpo"])
+def test_unknown_reward_scorer_is_listed_with_the_other_problems(exp):
+    # roles() asked the registry for every scorer and raised at the first unknown one, which
+    # hid the other problems and the dotted path.
+    problems = problems_of(exp, "reward.scorers=[taks]", "n_seqs=-2")
+    assert len(problems) == 2, problems
+    assert "n_seqs: -2 must be > 0" in problems
+    (scorer,) = [p for p in problems if p.startswith("reward.scorers: ")]
+    assert scorer.startswith("reward.scorers: unknown reward scorer 'taks'. Known: ")
+    assert "Did you mean 'task'?" in scorer
 
 
 def test_an_optimizer_problem_is_reported_once():
