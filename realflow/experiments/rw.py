@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from realflow.api.config import field_
 from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, model_field
@@ -14,7 +15,9 @@ from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole
 class RWConfig(ExperimentConfig):
     """Trains `rew` on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
 
-    rew: ModelConfig = model_field("builtin:tiny", lr=1e-3, init_from_actor=True)
+    rew: ModelConfig = model_field("builtin:reverse-sft", lr=3e-4, init_from_actor=True)
+    total_steps: int = field_(150, "Iterations (steps) to run.", gt=0)
+    n_seqs: int = field_(32, "Pairs per step.", gt=0)
 
     dataset_type = "paired"
     dataset_keys = ("packed_input_ids", "prompt_mask")
