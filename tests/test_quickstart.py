@@ -145,12 +145,6 @@ def test_preset_problems_name_the_preset(tmp_path):
     assert "n_seqs: -2 must be > 0" in problems
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refusing a config imports torch (seconds): RewardConfig validation looks up "
-    "REWARD_SCORERS, whose built-in module realflow.interfaces.scorers imports torch at the top, "
-    "and importing it runs realflow/interfaces/__init__.py, which imports every interface",
-)
 def test_refusing_a_config_does_not_import_torch():
     # The deterministic form of the "exit 2 within a few seconds" requirement.
     code = (

@@ -42,12 +42,20 @@ class Registry(Generic[T]):
     """Maps names to objects (usually classes) of one family.
 
     `builtin_modules` are imported the first time the registry is read, which registers the
-    built-in entries without importing them at package import time.
+    built-in entries without importing them at package import time. `builtin_names`, when
+    given, are the names those modules register: listing names and `in` then import nothing,
+    so checking a config stays cheap (tests keep the list equal to what the modules register).
     """
 
-    def __init__(self, family: str, builtin_modules: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        family: str,
+        builtin_modules: tuple[str, ...] = (),
+        builtin_names: tuple[str, ...] = (),
+    ):
         self.family = family
         self._builtin_modules = builtin_modules
+        self._builtin_names = frozenset(builtin_names)
         self._builtins_loaded = False
         self._builtins_error: BaseException | None = None
         self._entries: dict[str, T] = {}
@@ -95,12 +103,14 @@ class Registry(Generic[T]):
         return msg
 
     def names(self) -> list[str]:
-        self._load_builtins()
-        return sorted(self._entries)
+        if not self._builtin_names:
+            self._load_builtins()
+        return sorted(self._builtin_names | set(self._entries))
 
     def __contains__(self, name: object) -> bool:
-        self._load_builtins()
-        return name in self._entries
+        if not self._builtin_names:
+            self._load_builtins()
+        return name in self._builtin_names or name in self._entries
 
     def _load_builtins(self) -> None:
         if self._builtins_error is not None:  # fail every time, not only the first
@@ -133,7 +143,11 @@ INTERFACES: Registry[Any] = Registry(
     "interface", ("realflow.interfaces", "realflow.system.toy_interfaces")
 )
 MODEL_FAMILIES: Registry[Any] = Registry("model family", ("realflow.models.families",))
-REWARD_SCORERS: Registry[Any] = Registry("reward scorer", ("realflow.interfaces.scorers",))
+REWARD_SCORERS: Registry[Any] = Registry(
+    "reward scorer",
+    ("realflow.interfaces.scorers",),
+    builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
+)
 
 ENTRY_POINT_GROUP = "realflow.plugins"
 _loaded_plugins: set[str] = set()

@@ -135,8 +135,10 @@ class ExperimentConfig:
         return os.path.join("runs", experiment, stamp)
 
     def validate(self) -> list[str]:
-        problems = []
-        roles = self.roles()
+        problems: list[str] = []
+        if not self.allocation:
+            return problems
+        roles = self.roles()  # only when needed: roles() may look up scorers (imports torch)
         for role in self.allocation:
             if role not in roles:
                 problems.append(f"allocation: unknown role '{role}'; roles are {', '.join(roles)}")
