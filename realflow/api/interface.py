@@ -21,13 +21,17 @@ class Model:
 
     `module` is what the worker built for this role: a train engine for trained roles, an
     inference engine otherwise (see realflow.engines), or any object a toy interface expects.
-    `version` counts the train steps applied to the weights (the parameter version).
+    `version` counts the train steps applied to the weights (the parameter version). `rng` is a
+    torch.Generator the worker seeds for each call from (seed, step, MFC): interfaces draw every
+    random number from it, so calls that overlap on other workers cannot disturb each other and
+    a resumed run replays the same samples.
     """
 
     name: str
     module: Any
     tokenizer: Any = None
     version: int = 0
+    rng: Any = None
 
 
 class ModelInterface:

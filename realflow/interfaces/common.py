@@ -310,7 +310,7 @@ def rollout(
         ids_T = torch.cat(prompts).to(engine.device)
         cu_B1 = cu_seqlens_from(prompts, engine.device)
         out = engine.forward_no_grad(
-            lambda _m, i=ids_T, c=cu_B1: generate(engine.module, i, c, gconfig)
+            lambda _m, i=ids_T, c=cu_B1: generate(engine.module, i, c, gconfig, model.rng)
         )
         answers = out.output_ids_T.split(out.output_lens_B.tolist())
         logps = out.logprobs_T.split(out.output_lens_B.tolist())

@@ -238,7 +238,9 @@ class ModelWorker:
         data = self.local_data(req.ids, list(mfc.input_keys)).remap_keys(mfc.input_key_remap)
         model = self.models[mfc.model_name]
         interface = self.interfaces[mfc.name]
-        torch.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
+        device = getattr(model.module, "device", None) or "cpu"
+        model.rng = torch.Generator(device=device)
+        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
         stats: dict[str, float] = {}
         meta = None
         if mfc.interface_type == InterfaceType.TRAIN_STEP:
