@@ -13,7 +13,14 @@ import os
 from typing import Any, ClassVar
 
 from realflow.api.config import field_
-from realflow.api.dfg import DataflowGraph, MFCDef, MicroBatchSpec, build_dfg
+from realflow.api.dfg import (
+    DataflowGraph,
+    InterfaceSpec,
+    InterfaceType,
+    MFCDef,
+    MicroBatchSpec,
+    build_dfg,
+)
 from realflow.engines.config import EngineConfig, OptimizerConfig
 
 
@@ -122,6 +129,30 @@ class ExperimentConfig:
     def optimizer_steps_per_train_call(self) -> int:
         """Optimizer steps one train_step MFC takes (sizes the LR schedule)."""
         return 1
+
+    def node(
+        self,
+        name: str,
+        role: str,
+        kind: InterfaceType,
+        impl: str,
+        args: dict[str, Any] | None = None,
+        inputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (),
+        output_key_remap: dict[str, str] | None = None,
+    ) -> MFCDef:
+        """One MFC over this run's `n_seqs` samples with the role's micro-batch budget."""
+        return MFCDef(
+            name=name,
+            model_name=role,
+            interface_type=kind,
+            interface_impl=InterfaceSpec(impl, dict(args or {})),
+            n_seqs=self.n_seqs,
+            input_keys=inputs,
+            output_keys=outputs,
+            output_key_remap=dict(output_key_remap or {}),
+            mb_spec=self.mb_spec(role),
+        )
 
     def mb_spec(self, role: str) -> MicroBatchSpec:
         return MicroBatchSpec(

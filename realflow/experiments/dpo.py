@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
     ExperimentConfig,
@@ -47,25 +47,18 @@ class DPOConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.dpo)
+        keys = ("packed_input_ids", "prompt_mask")
+        inf, train = InterfaceType.INFERENCE, InterfaceType.TRAIN_STEP
         return [
-            MFCDef(
-                name="ref_inf",
-                model_name="ref",
-                interface_type=InterfaceType.INFERENCE,
-                interface_impl=InterfaceSpec("dpo", args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids", "prompt_mask"),
-                output_keys=("ref_seqlogp",),
-                output_key_remap={"seqlogp": "ref_seqlogp"},
-                mb_spec=self.mb_spec("ref"),
+            self.node(
+                "ref_inf",
+                "ref",
+                inf,
+                "dpo",
+                args,
+                keys,
+                ("ref_seqlogp",),
+                {"seqlogp": "ref_seqlogp"},
             ),
-            MFCDef(
-                name="actor_train",
-                model_name="actor",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("dpo", args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids", "prompt_mask", "ref_seqlogp"),
-                mb_spec=self.mb_spec("actor"),
-            ),
+            self.node("actor_train", "actor", train, "dpo", args, (*keys, "ref_seqlogp")),
         ]

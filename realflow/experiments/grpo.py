@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
     ExperimentConfig,
@@ -14,7 +14,15 @@ from realflow.experiments.common import (
     interface_args,
     model_field,
 )
-from realflow.experiments.ppo import GenerationHyperparameters, RewardConfig
+from realflow.experiments.ppo import (
+    GEN,
+    ROLLOUT_KEYS,
+    TRAIN,
+    GenerationHyperparameters,
+    RewardConfig,
+    ref_node,
+    reward_node,
+)
 
 
 @dataclasses.dataclass
@@ -65,52 +73,12 @@ class GRPOConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.grpo)
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards")
         return [
-            MFCDef(
-                name="actor_gen",
-                model_name="actor",
-                interface_type=InterfaceType.GENERATE,
-                interface_impl=InterfaceSpec("grpo_actor", args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_prompts",),
-                output_keys=("packed_input_ids", "logprobs", "prompt_mask", "no_eos_mask"),
-                mb_spec=self.mb_spec("actor"),
+            self.node(
+                "actor_gen", "actor", GEN, "grpo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
             ),
-            MFCDef(
-                name="rew_inf",
-                model_name="rew",
-                interface_type=InterfaceType.INFERENCE,
-                interface_impl=InterfaceSpec("reward", interface_args(self.reward)),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids", "prompt_mask"),
-                output_keys=("rewards",),
-                mb_spec=self.mb_spec("rew"),
-            ),
-            MFCDef(
-                name="ref_inf",
-                model_name="ref",
-                interface_type=InterfaceType.INFERENCE,
-                interface_impl=InterfaceSpec("grpo_actor", args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids",),
-                output_keys=("ref_logprobs",),
-                output_key_remap={"logprobs": "ref_logprobs"},
-                mb_spec=self.mb_spec("ref"),
-            ),
-            MFCDef(
-                name="actor_train",
-                model_name="actor",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("grpo_actor", args),
-                n_seqs=self.n_seqs,
-                input_keys=(
-                    "packed_input_ids",
-                    "prompt_mask",
-                    "logprobs",
-                    "ref_logprobs",
-                    "rewards",
-                    "no_eos_mask",
-                ),
-                mb_spec=self.mb_spec("actor"),
-            ),
+            reward_node(self),
+            ref_node(self, "grpo_actor", args),
+            self.node("actor_train", "actor", TRAIN, "grpo_actor", args, train_in),
         ]

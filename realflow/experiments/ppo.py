@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
     ExperimentConfig,
@@ -143,78 +143,39 @@ class PPOConfig(ExperimentConfig):
 
     def reward_mfc(self) -> MFCDef:
         """The reward MFC; subclasses swap its interface to change how answers are scored."""
-        return MFCDef(
-            name="rew_inf",
-            model_name="rew",
-            interface_type=InterfaceType.INFERENCE,
-            interface_impl=InterfaceSpec("reward", interface_args(self.reward)),
-            n_seqs=self.n_seqs,
-            input_keys=("packed_input_ids", "prompt_mask"),
-            output_keys=("rewards",),
-            mb_spec=self.mb_spec("rew"),
-        )
+        return reward_node(self)
 
     def mfcs(self) -> list[MFCDef]:
-        actor_args = interface_args(self.ppo)
-        critic_args = interface_args(self.ppo)
-        train_inputs = (
-            "packed_input_ids",
-            "prompt_mask",
-            "logprobs",
-            "ref_logprobs",
-            "rewards",
-            "values",
-            "no_eos_mask",
-        )
+        args = interface_args(self.ppo)
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards", "values")
         return [
-            MFCDef(
-                name="actor_gen",
-                model_name="actor",
-                interface_type=InterfaceType.GENERATE,
-                interface_impl=InterfaceSpec("ppo_actor", actor_args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_prompts",),
-                output_keys=("packed_input_ids", "logprobs", "prompt_mask", "no_eos_mask"),
-                mb_spec=self.mb_spec("actor"),
+            self.node(
+                "actor_gen", "actor", GEN, "ppo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
             ),
             self.reward_mfc(),
-            MFCDef(
-                name="ref_inf",
-                model_name="ref",
-                interface_type=InterfaceType.INFERENCE,
-                interface_impl=InterfaceSpec("ppo_actor", actor_args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids",),
-                output_keys=("ref_logprobs",),
-                output_key_remap={"logprobs": "ref_logprobs"},
-                mb_spec=self.mb_spec("ref"),
-            ),
-            MFCDef(
-                name="critic_inf",
-                model_name="critic",
-                interface_type=InterfaceType.INFERENCE,
-                interface_impl=InterfaceSpec("ppo_critic", critic_args),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids",),
-                output_keys=("values",),
-                mb_spec=self.mb_spec("critic"),
-            ),
-            MFCDef(
-                name="actor_train",
-                model_name="actor",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("ppo_actor", actor_args),
-                n_seqs=self.n_seqs,
-                input_keys=train_inputs,
-                mb_spec=self.mb_spec("actor"),
-            ),
-            MFCDef(
-                name="critic_train",
-                model_name="critic",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("ppo_critic", critic_args),
-                n_seqs=self.n_seqs,
-                input_keys=train_inputs,
-                mb_spec=self.mb_spec("critic"),
-            ),
+            ref_node(self, "ppo_actor", args),
+            self.node("critic_inf", "critic", INF, "ppo_critic", args, (IDS,), ("values",)),
+            self.node("actor_train", "actor", TRAIN, "ppo_actor", args, train_in),
+            self.node("critic_train", "critic", TRAIN, "ppo_critic", args, train_in),
         ]
+
+
+GEN, INF, TRAIN = InterfaceType.GENERATE, InterfaceType.INFERENCE, InterfaceType.TRAIN_STEP
+IDS = "packed_input_ids"
+# What a rollout (actor_gen) writes; see realflow/api/data.py for the layout of each key.
+ROLLOUT_KEYS = (IDS, "logprobs", "prompt_mask", "no_eos_mask")
+
+
+def reward_node(cfg: ExperimentConfig) -> MFCDef:
+    """rew_inf: the `reward` interface scores each answer with the configured scorers."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    return cfg.node(
+        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"), ("rewards",)
+    )
+
+
+def ref_node(cfg: ExperimentConfig, impl: str, args: dict) -> MFCDef:
+    """ref_inf: the reference model's log-probs of the rollout, written as `ref_logprobs`."""
+    return cfg.node(
+        "ref_inf", "ref", INF, impl, args, (IDS,), ("ref_logprobs",), {"logprobs": "ref_logprobs"}
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, model_field
 
@@ -26,14 +26,5 @@ class RWConfig(ExperimentConfig):
         return {"rew": ModelRole(self.rew, head="reward")}
 
     def mfcs(self) -> list[MFCDef]:
-        return [
-            MFCDef(
-                name="rew_train",
-                model_name="rew",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("paired_rw"),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids", "prompt_mask"),
-                mb_spec=self.mb_spec("rew"),
-            )
-        ]
+        keys = ("packed_input_ids", "prompt_mask")
+        return [self.node("rew_train", "rew", InterfaceType.TRAIN_STEP, "paired_rw", inputs=keys)]

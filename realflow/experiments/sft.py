@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import ExperimentConfig, ModelConfig, ModelRole, model_field
 
@@ -23,14 +23,5 @@ class SFTConfig(ExperimentConfig):
         return {"actor": ModelRole(self.actor, head="lm")}
 
     def mfcs(self) -> list[MFCDef]:
-        return [
-            MFCDef(
-                name="actor_train",
-                model_name="actor",
-                interface_type=InterfaceType.TRAIN_STEP,
-                interface_impl=InterfaceSpec("sft"),
-                n_seqs=self.n_seqs,
-                input_keys=("packed_input_ids", "prompt_mask"),
-                mb_spec=self.mb_spec("actor"),
-            )
-        ]
+        keys = ("packed_input_ids", "prompt_mask")
+        return [self.node("actor_train", "actor", InterfaceType.TRAIN_STEP, "sft", inputs=keys)]
