@@ -60,35 +60,30 @@ def maxrss_mb() -> float:
 def attention_table(args) -> None:
     from realflow.models.attention import ATTN_BACKENDS, PackedSeqs, varlen_attention
 
-    print("\n## attention backends (H=8, K=4, D=64, forward+backward, ms per batch)\n")
+    print("\n## attention backends (H=8, K=4, D=64, forward+backward, fastest of 6, ms)\n")
     print(
         "| backend | "
         + " | ".join(f"batch {i} (T={sum(b)}, B={len(b)})" for i, b in enumerate(batches(args)))
         + " |"
     )
     print("|---|" + "---|" * args.batches)
-    for impl in ATTN_BACKENDS:
-        if impl == "flash":
-            continue
-        row = []
-        for lens in batches(args):
-            t = sum(lens)
-            cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-            cu[1:] = torch.tensor(lens).cumsum(0)
-            seqs = PackedSeqs.from_cu_seqlens(cu)
-            q = torch.randn(t, 8, 64, requires_grad=True)
-            k = torch.randn(t, 4, 64, requires_grad=True)
-            v = torch.randn(t, 4, 64, requires_grad=True)
-
-            def step(q=q, k=k, v=v, seqs=seqs, impl=impl):
+    impls = [i for i in ATTN_BACKENDS if i != "flash"]
+    best = {impl: [float("inf")] * args.batches for impl in impls}
+    for i, lens in enumerate(batches(args)):
+        t = sum(lens)
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens).cumsum(0)
+        seqs = PackedSeqs.from_cu_seqlens(cu)
+        q = torch.randn(t, 8, 64, requires_grad=True)
+        k = torch.randn(t, 4, 64, requires_grad=True)
+        v = torch.randn(t, 4, 64, requires_grad=True)
+        for _ in range(6):  # rounds interleave the backends; keep each one's fastest
+            for impl in impls:
+                start = time.perf_counter()
                 varlen_attention(q, k, v, seqs, impl, 0.125).sum().backward()
-
-            step()
-            start = time.perf_counter()
-            for _ in range(3):
-                step()
-            row.append(f"{(time.perf_counter() - start) / 3 * 1e3:.1f}")
-        print(f"| {impl} | " + " | ".join(row) + " |")
+                best[impl][i] = min(best[impl][i], time.perf_counter() - start)
+    for impl in impls:
+        print(f"| {impl} | " + " | ".join(f"{x * 1e3:.1f}" for x in best[impl]) + " |")
 
 
 # ------------------------------------------------------------------------------ model sides
@@ -133,7 +128,10 @@ def serve_side(side: str, args) -> None:
 
 
 def run_sides(args) -> dict:
-    """Median step time per batch and peak RSS of each side, steps alternating between sides."""
+    """Fastest step time per batch and peak RSS of each side, steps alternating between sides.
+
+    The fastest of `reps` runs is the least disturbed by other processes on a shared machine.
+    """
     procs = {}
     for side in ("realflow", "hf"):
         cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
@@ -158,7 +156,7 @@ def run_sides(args) -> dict:
         proc.stdin.flush()
         mem = json.loads(proc.stdout.readline())
         proc.wait()
-        seconds = sum(sorted(t)[len(t) // 2] for t in times[side])
+        seconds = sum(min(t) for t in times[side])
         results[side] = {"seconds": seconds, "tokens_per_s": real / seconds, **mem}
     return results
 
@@ -201,7 +199,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=16, help="sequences per batch")
     p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--side", choices=["realflow", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--skip-attention", action="store_true")
     args = p.parse_args()
@@ -220,7 +218,7 @@ def main() -> None:
     results = run_sides(args)
     print("\n## forward+backward, real tokens/s\n")
     print(
-        "| side | seconds (sum of median step per batch) | real tokens/s | peak RSS MB | peak - after-build RSS MB |"
+        "| side | seconds (sum over batches of the fastest step) | real tokens/s | peak RSS MB | peak - after-build RSS MB |"
     )
     print("|---|---|---|---|---|")
     for side, r in results.items():
