@@ -90,6 +90,10 @@ class Master:
         self.calls: dict[Any, Call] = {}
         self.busy: collections.Counter[int] = collections.Counter()  # worker -> busy calls
         self.steps: dict[int, StepState] = {}
+        # Released data not yet told to its worker: it rides along with the worker's next call.
+        self.pending_frees: dict[int, list[tuple[list[Any], list[str]]]] = collections.defaultdict(
+            list
+        )
 
     def worker_of(self, mfc: MFCDef) -> int:
         return self.placement[mfc.model_name]
@@ -112,6 +116,7 @@ class Master:
             for s in finished:
                 state = self.steps.pop(s)
                 self._free(state, sorted(state.holders))
+                self._flush_frees()
                 on_step_end(s, state.stats, time.time() - state.start)
                 if save_after(s):
                     self._drain()
@@ -196,7 +201,8 @@ class Master:
     ) -> None:
         if kind == Kind.SEND and not self.transport_sends:
             return
-        handle = self.transport.submit(worker, kind, payload)
+        frees = self.pending_frees.pop(worker, [])
+        handle = self.transport.submit(worker, kind, payload, frees)
         self.calls[handle] = Call(kind, worker, step, mfc, time.time(), busy)
         self.busy[worker] += busy
 
@@ -292,7 +298,12 @@ class Master:
                 by_worker.setdefault(w, []).append(key)
             state.consumers.pop(key, None)
         for w, ks in sorted(by_worker.items()):
-            self._submit(w, Kind.FREE, (list(state.ids or []), ks), state.step, None, busy=False)
+            self.pending_frees[w].append((list(state.ids or []), ks))
+
+    def _flush_frees(self) -> None:
+        """Send the frees still waiting (workers with no call coming in this step)."""
+        for w in sorted(self.pending_frees):
+            self._submit(w, Kind.FREE, None, -1, None, busy=False)
 
     def _drain(self) -> None:
         while self.calls:

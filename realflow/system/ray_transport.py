@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from realflow.system.transport import Transport, WorkerFailure
-from realflow.system.worker import Kind, ModelWorker, Transfer, WorkerSpec
+from realflow.system.worker import Frees, Kind, ModelWorker, Transfer, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class _RayWorker:
         )
         return os.getpid()
 
-    def handle(self, kind: Kind, payload: Any = None) -> Any:
-        return self.worker.handle(kind, payload)
+    def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
+        return self.worker.handle(kind, payload, frees)
 
 
 def _free_port() -> int:
@@ -104,8 +104,8 @@ class RayTransport(Transport):
         )
         logger.info("ray: %d worker actors (pids %s) in one gloo group", self.n_workers, self.pids)
 
-    def submit(self, worker: int, kind: Kind, payload: Any = None) -> Any:
-        ref = self.actors[worker].handle.remote(kind, payload)
+    def submit(self, worker: int, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
+        ref = self.actors[worker].handle.remote(kind, payload, frees)
         self._worker_of[ref] = worker
         return ref
 

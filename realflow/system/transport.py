@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from realflow.api.data import SequenceSample
-from realflow.system.worker import Kind, ModelWorker, Transfer, WorkerSpec
+from realflow.system.worker import Frees, Kind, ModelWorker, Transfer, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class Transport(abc.ABC):
         """Create the workers (not yet set up: the master sends Kind.SETUP)."""
 
     @abc.abstractmethod
-    def submit(self, worker: int, kind: Kind, payload: Any = None) -> Any:
-        """Queue a request on `worker`; returns a handle."""
+    def submit(self, worker: int, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
+        """Queue a request on `worker` (with released data to drop first); returns a handle."""
 
     @abc.abstractmethod
     def wait(self, handles: list[Any], timeout: float | None) -> list[Any]:
@@ -98,9 +98,9 @@ class LocalTransport(Transport):
         meta = transfer.meta
         return self.workers[transfer.src].local_data(meta.ids, sorted(meta.keys))
 
-    def submit(self, worker: int, kind: Kind, payload: Any = None) -> cf.Future:
+    def submit(self, worker: int, kind: Kind, payload: Any = None, frees: Frees = ()) -> cf.Future:
         future: cf.Future = cf.Future()
-        self.queues[worker].put((future, kind, payload))
+        self.queues[worker].put((future, kind, payload, frees))
         self._worker_of[future] = worker
         return future
 
@@ -129,14 +129,14 @@ def _serve(worker: ModelWorker, requests: queue.Queue) -> None:
         item = requests.get()
         if item is None:
             return
-        future, kind, payload = item
+        future, kind, payload, frees = item
         if not future.set_running_or_notify_cancel():
             continue
         try:
             if kind == Kind.SETUP:
                 with _SETUP_LOCK:
-                    future.set_result(worker.handle(kind, payload))
+                    future.set_result(worker.handle(kind, payload, frees))
                 continue
-            future.set_result(worker.handle(kind, payload))
+            future.set_result(worker.handle(kind, payload, frees))
         except BaseException as e:  # handed to the master, which stops the run
             future.set_exception(e)

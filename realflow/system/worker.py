@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,10 @@ class Kind(str, enum.Enum):
     LOAD = "load"  # restore engine, interface, RNG and loader state
     SEND = "send"  # ray mode: send tensors to a peer over torch.distributed
     STORE_SIZE = "store_size"  # number of (sample, key) entries held: for tests and leak checks
+
+
+# Released data: a list of (sample ids, keys) to drop from a worker's store.
+Frees = Sequence[tuple[list[Any], list[str]]]
 
 
 @dataclasses.dataclass
@@ -106,7 +110,7 @@ class ModelWorker:
             Kind.SETUP: self.setup,
             Kind.FETCH_BATCH: self.fetch_batch,
             Kind.MFC: self.run_mfc,
-            Kind.FREE: self.free,
+            Kind.FREE: lambda _: None,  # the frees ride along with the request itself
             Kind.SAVE: self.save,
             Kind.LOAD: self.load,
             Kind.STORE_SIZE: self.store_size,
@@ -114,7 +118,10 @@ class ModelWorker:
         }
         self.dp_group = None
 
-    def handle(self, kind: Kind, payload: Any = None) -> Any:
+    def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
+        """Run one request. `frees` ride along with it: (ids, keys) the master has released
+        since it last talked to this worker, dropped first (saves a round trip per free)."""
+        self.free(frees)
         return self._handlers[kind](payload)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -205,17 +212,17 @@ class ModelWorker:
             )
         return SequenceSample.gather(samples, keys)
 
-    def free(self, payload: tuple[list[Any], list[str]]) -> None:
-        ids, keys = payload
-        for i in ids:
-            held = self.store.get(i)
-            if held is None:
-                continue
-            for key in keys:
-                held.pop(key, None)
-            if not held:
-                del self.store[i]
-                del self.store_metadata[i]
+    def free(self, frees: Frees) -> None:
+        for ids, keys in frees:
+            for i in ids:
+                held = self.store.get(i)
+                if held is None:
+                    continue
+                for key in keys:
+                    held.pop(key, None)
+                if not held:
+                    del self.store[i]
+                    del self.store_metadata[i]
 
     def send(self, payload: tuple[int, Transfer]) -> None:
         """Send the tensors of a Transfer to worker `dst` (which receives them in its MFC)."""
