@@ -23,12 +23,15 @@ REMAX = "experiments/remax.py"
 QUIET = ("tensorboard=false", "progress_bar=false")
 
 
-def tiny_config(exp: str, output_dir: Path, *overrides: str) -> ExperimentConfig:
-    """`exp` with its shipped tiny preset (when there is one), quiet, writing to `output_dir`."""
+def tiny_config(
+    exp: str, output_dir: str | Path, *overrides: str, cls: type | None = None
+) -> ExperimentConfig:
+    """`exp` (built as `cls` when given) with its shipped tiny preset (when there is one), quiet,
+    writing to `output_dir`."""
     preset = REPO / "configs" / f"{exp}_tiny.yaml"
     presets = [str(preset)] if preset.is_file() else []
     return apply_overrides(
-        EXPERIMENTS.get(exp), [f"output_dir={output_dir}", *QUIET, *overrides], presets
+        cls or EXPERIMENTS.get(exp), [f"output_dir={output_dir}", *QUIET, *overrides], presets
     )
 
 
