@@ -38,7 +38,7 @@ from realflow.algorithms import (
 )
 from realflow.api.config import field_
 from realflow.api.data import SequenceSample
-from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef, MicroBatchSpec
+from realflow.api.dfg import MFCDef, MicroBatchSpec
 from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import EXPERIMENTS, INTERFACES
 from realflow.experiments.common import (
@@ -48,7 +48,14 @@ from realflow.experiments.common import (
     interface_args,
     model_field,
 )
-from realflow.experiments.ppo import GenerationHyperparameters, RewardConfig
+from realflow.experiments.ppo import (
+    GEN,
+    TRAIN,
+    GenerationHyperparameters,
+    RewardConfig,
+    ref_node,
+    reward_node,
+)
 from realflow.interfaces.common import (
     IDS,
     answer_mask_T1,
@@ -241,55 +248,27 @@ class ReMaxConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.remax)
-        actor = InterfaceSpec("remax_actor", args)
-        actor_greedy = InterfaceSpec(
-            "remax_actor", {**args, "gen": {**args["gen"], "greedy": True}}
-        )
-        reward = InterfaceSpec("reward", interface_args(self.reward))
-        n = self.n_seqs
-        gen, inf, train = InterfaceType.GENERATE, InterfaceType.INFERENCE, InterfaceType.TRAIN_STEP
+        greedy_args = {**args, "gen": {**args["gen"], "greedy": True}}
+        sampled = (IDS, "prompt_mask", "no_eos_mask")
+        greedy = ("greedy_input_ids", "greedy_prompt_mask", "greedy_no_eos_mask")
+        train_in = (*sampled, "rewards", "greedy_rewards", "greedy_no_eos_mask", "ref_logprobs")
         return [
-            MFCDef(
-                "actor_gen", "actor", gen, actor, n, mb_spec=self.mb_spec("actor"),
-                input_keys=("packed_prompts",),
-                output_keys=("packed_input_ids", "prompt_mask", "no_eos_mask"),
+            self.node("actor_gen", "actor", GEN, "remax_actor", args, ("packed_prompts",), sampled),
+            # The same generate interface, greedy, its outputs renamed to keys of their own.
+            self.node(
+                "actor_greedy_gen", "actor", GEN, "remax_actor", greedy_args,
+                ("packed_prompts",), greedy, dict(zip(sampled, greedy)),
             ),
-            MFCDef(
-                "actor_greedy_gen", "actor", gen, actor_greedy, n, mb_spec=self.mb_spec("actor"),
-                input_keys=("packed_prompts",),
-                output_keys=("greedy_input_ids", "greedy_prompt_mask", "greedy_no_eos_mask"),
-                output_key_remap={
-                    "packed_input_ids": "greedy_input_ids",
-                    "prompt_mask": "greedy_prompt_mask",
-                    "no_eos_mask": "greedy_no_eos_mask",
-                },
-            ),
-            MFCDef(
-                "rew_inf", "rew", inf, reward, n, mb_spec=self.mb_spec("rew"),
-                input_keys=("packed_input_ids", "prompt_mask"),
-                output_keys=("rewards",),
-            ),
-            MFCDef(
-                "greedy_rew_inf", "rew", inf, reward, n, mb_spec=self.mb_spec("rew"),
-                input_keys=("greedy_input_ids", "greedy_prompt_mask"),
-                input_key_remap={
-                    "greedy_input_ids": "packed_input_ids",
-                    "greedy_prompt_mask": "prompt_mask",
-                },
+            reward_node(self),
+            # The same reward node, reading the greedy keys under the names it expects.
+            dataclasses.replace(
+                reward_node(self),
+                name="greedy_rew_inf",
+                input_keys=greedy[:2],
+                input_key_remap=dict(zip(greedy[:2], sampled[:2])),
                 output_keys=("greedy_rewards",),
                 output_key_remap={"rewards": "greedy_rewards"},
             ),
-            MFCDef(
-                "ref_inf", "ref", inf, actor, n, mb_spec=self.mb_spec("ref"),
-                input_keys=("packed_input_ids",),
-                output_keys=("ref_logprobs",),
-                output_key_remap={"logprobs": "ref_logprobs"},
-            ),
-            MFCDef(
-                "actor_train", "actor", train, actor, n, mb_spec=self.mb_spec("actor"),
-                input_keys=(
-                    "packed_input_ids", "prompt_mask", "no_eos_mask", "rewards",
-                    "greedy_rewards", "greedy_no_eos_mask", "ref_logprobs",
-                ),
-            ),
+            ref_node(self, "remax_actor", args),
+            self.node("actor_train", "actor", TRAIN, "remax_actor", args, train_in),
         ]  # fmt: skip
