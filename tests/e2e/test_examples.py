@@ -75,6 +75,11 @@ def test_ppo_minilm_cli(tmp_path, reverse_sft):
 
 
 def test_ppo_minilm_config(examples_loaded):
+    from realflow.api.config import describe_fields
+    from realflow.api.registry import EXPERIMENTS
+
+    keys = describe_fields(EXPERIMENTS.get("ppo_minilm"))  # what --help lists
+    assert "minilm.weight" in keys and "minilm.task_weight" in keys and "ppo.kl_ctl" in keys
     cfg = tiny_config("ppo_minilm", "unused", "minilm.weight=2.0", "minilm.task_weight=0.5")
     assert cfg.roles()["rew"].head == "none"  # no reward model is loaded
     rew = cfg.dfg().mfc("rew_inf")
