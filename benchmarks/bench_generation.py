@@ -5,8 +5,9 @@
 Same random-init llama model on both sides, the same 32 prompts of mixed (log-normal) lengths,
 sampling with temperature 1 and top-k 50, up to 128 new tokens. Two scenarios:
 
-- `eos`: the EOS row of the LM head is set so that EOS has ~1/64 probability per step (a random
-  model otherwise never stops), giving geometric answer lengths like real rollouts;
+- `eos`: the EOS row of the LM head is set (calibrated by bisection on short runs) so that about
+  1 token in 64 is EOS (a random model otherwise never stops), giving roughly geometric answer
+  lengths like real rollouts;
 - `no-eos`: nothing stops before 128 tokens (pure per-step cost, no early-exit advantage).
 
 Each side runs in its own subprocess (peak RSS is its own); runs alternate between the sides so
@@ -37,8 +38,9 @@ def prompt_lengths(n: int, seed: int = 7, median: float = 64, sigma: float = 0.7
     return [int(v) for v in x.clamp(8, cap)]
 
 
-def build_model(args, scenario: str):
-    """The realflow model (and its config); with scenario eos, EOS gets ~1/64 probability."""
+def build_model(args, eos_alpha: float = 0.0):
+    """The realflow model; `eos_alpha` > 0 points the EOS row of lm_head along the mean final
+    hidden state with that norm (a random model otherwise never emits EOS)."""
     from realflow.models.builtin import builtin_config
     from realflow.models.transformer import PackedTransformer
 
@@ -56,28 +58,40 @@ def build_model(args, scenario: str):
     )
     torch.manual_seed(0)
     model = PackedTransformer(cfg).eval()
-    if scenario == "eos":
-        _calibrate_eos(model, target=1 / 64)
+    if eos_alpha > 0:
+        with torch.no_grad():
+            model.lm_head.weight[EOS] = eos_alpha * _mean_direction(model)
     return model
 
 
 @torch.no_grad()
-def _calibrate_eos(model, target: float) -> None:
-    """Point the EOS row of lm_head along the mean final hidden state, scaled so that the mean
-    EOS probability over random text is `target`."""
+def _mean_direction(model) -> torch.Tensor:
     from realflow.models.attention import PackedSeqs
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (8 * 64,), generator=g)
     seqs = PackedSeqs.from_cu_seqlens(torch.arange(0, 8 * 64 + 1, 64, dtype=torch.int32))
-    h = model.hidden_states(ids, seqs)
-    direction = h.mean(0) / h.mean(0).norm()
-    lo, hi = 0.0, 100.0
-    for _ in range(40):
+    mean = model.hidden_states(ids, seqs).mean(0)
+    return mean / mean.norm()
+
+
+def calibrate_eos_alpha(args, hazard: float = 1 / 64) -> float:
+    """The EOS-row norm at which sampling stops at ~`hazard` per generated token (bisection on
+    short realflow runs; the timed runs of both sides then use this same model)."""
+    from realflow.models.generation import GenerationConfig, generate
+
+    lens = prompt_lengths(16, seed=11)
+    ids = torch.randint(3, args.vocab, (sum(lens),), generator=torch.Generator().manual_seed(5))
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    gconfig = GenerationConfig(max_new_tokens=48, top_k=50, eos_token_ids=[EOS])
+    lo, hi = 0.0, 200.0
+    for _ in range(10):
         alpha = (lo + hi) / 2
-        model.lm_head.weight[EOS] = alpha * direction
-        p = torch.softmax(model.lm_head(h), -1)[:, EOS].mean()
-        lo, hi = (alpha, hi) if p < target else (lo, alpha)
+        out = generate(build_model(args, alpha), ids, cu, gconfig, torch.Generator().manual_seed(0))
+        rate = float((~out.no_eos_mask_B).sum()) / out.output_ids_T.numel()
+        lo, hi = (alpha, hi) if rate < hazard else (lo, alpha)
+    return (lo + hi) / 2
 
 
 def maxrss_mb() -> float:
@@ -86,8 +100,7 @@ def maxrss_mb() -> float:
 
 def serve_side(side: str, scenario: str, args) -> None:
     """Subprocess loop: build one side, then run generate on each stdin line "run <seed>"."""
-    torch.manual_seed(0)
-    model = build_model(args, scenario)
+    model = build_model(args, args.eos_alpha if scenario == "eos" else 0.0)
     lens = prompt_lengths(args.batch)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, args.vocab, (sum(lens),), generator=g)
@@ -171,7 +184,8 @@ def _hf_runner(model, ids, cu, eos, args):
 def run_scenario(scenario: str, args) -> dict:
     procs = {}
     for side in ("realflow", "hf"):
-        cmd = [sys.executable, __file__, "--side", side, "--scenario", scenario] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--side", side, "--scenario", scenario]
+        cmd += ["--eos-alpha", str(args.eos_alpha)] + sys.argv[1:]
         procs[side] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -211,6 +225,7 @@ def main() -> None:
     p.add_argument("--scenarios", default="eos,no-eos")
     p.add_argument("--side", choices=["realflow", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--scenario", help=argparse.SUPPRESS)
+    p.add_argument("--eos-alpha", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         serve_side(args.side, args.scenario, args)
@@ -224,6 +239,9 @@ def main() -> None:
     print(
         f"sampling T=1.0 top-k 50, max {args.new} new tokens, best of {args.reps} runs (different seeds)\n"
     )
+    if "eos" in args.scenarios.split(","):
+        args.eos_alpha = calibrate_eos_alpha(args)
+        print(f"eos scenario: EOS row norm {args.eos_alpha:.2f} (~1 token in 64 is EOS)\n")
     print(
         "| scenario | side | generated tokens (best run) | seconds | tokens/s | peak RSS MB | peak - after-build RSS MB |"
     )
