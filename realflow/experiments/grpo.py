@@ -49,7 +49,7 @@ class GRPOConfig(ExperimentConfig):
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
     ref: ModelConfig = model_field("builtin:reverse-sft")
     rew: ModelConfig = model_field("builtin:tiny")
-    total_steps: int = field_(200, "Iterations (steps) to run.", gt=0)
+    total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
 

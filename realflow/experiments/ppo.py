@@ -118,7 +118,7 @@ class PPOConfig(ExperimentConfig):
     critic: ModelConfig = model_field("builtin:reverse-sft", lr=3e-3, init_from_actor=True)
     ref: ModelConfig = model_field("builtin:reverse-sft")
     rew: ModelConfig = model_field("builtin:tiny")
-    total_steps: int = field_(200, "Iterations (steps) to run.", gt=0)
+    total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
 
