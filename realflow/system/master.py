@@ -224,9 +224,8 @@ class Master:
             )
             wait_s = max(0.0, oldest + self.timeout - time.time())
         done = self.transport.wait(list(self.calls), wait_s)
-        if not done:
-            self._check_timeouts()
-            return
+        # Checked on every pass, so a hung call times out even while others keep finishing.
+        self._check_timeouts(exclude=set(done))
         for handle in done:
             call = self.calls.pop(handle)
             self.busy[call.worker] -= call.busy
@@ -236,10 +235,12 @@ class Master:
                 raise RunFailure(self._describe(call) + f" failed: {e}") from (e.cause or e)
             self._on_result(call, value)
 
-    def _check_timeouts(self) -> None:
+    def _check_timeouts(self, exclude: set[Any]) -> None:
+        if not self.timeout:
+            return
         now = time.time()
-        for call in self.calls.values():
-            if call.busy and self.timeout and now - call.start >= self.timeout:
+        for handle, call in self.calls.items():
+            if handle not in exclude and call.busy and now - call.start >= self.timeout:
                 raise RunFailure(
                     self._describe(call) + f" timed out after {self.timeout:g} s (mfc_timeout_s)"
                 )
