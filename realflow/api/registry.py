@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,18 @@ def load_plugins(specs: Iterable[str] = (), entry_points: bool = True) -> list[s
     return loaded
 
 
+def import_file(path: Path, prefix: str) -> ModuleType:
+    """Import a .py file as a module (registered in sys.modules under a name unique to its
+    resolved path) and return it."""
+    name = f"{prefix}_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def _is_file_spec(spec: str) -> bool:
     return spec.endswith(".py") or Path(spec).exists()
 
@@ -191,12 +204,7 @@ def _import_plugin(spec: str) -> None:
     if _is_file_spec(spec):
         if not path.is_file():
             raise RegistryError(f"plugin file '{spec}' does not exist")
-        name = f"realflow_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        import_file(path, "realflow_plugin")
         return
     try:
         importlib.import_module(spec)

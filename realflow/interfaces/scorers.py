@@ -28,7 +28,6 @@ import dataclasses
 import importlib
 import importlib.util
 import math
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +36,7 @@ import torch
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import MicroBatchSpec
 from realflow.api.interface import Model
-from realflow.api.registry import REWARD_SCORERS
+from realflow.api.registry import REWARD_SCORERS, import_file
 from realflow.interfaces.common import engine_of, map_micro_batches
 from realflow.interfaces.rw import sequence_scores
 
@@ -273,12 +272,7 @@ def load_function(spec: str) -> Any:
     if target.endswith(".py") or path.is_file():
         if not path.is_file():
             raise ValueError(f"python_fn {spec!r}: file '{target}' does not exist")
-        mod_name = f"realflow_reward_fn_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
+        module = import_file(path, "realflow_reward_fn")
     else:
         module = importlib.import_module(target)
     fn = getattr(module, name, None)
