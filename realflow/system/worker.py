@@ -117,6 +117,7 @@ class ModelWorker:
             Kind.SEND: self.send,
         }
         self.dp_group = None
+        self.offloaded: set[str] = set()
 
     def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
         """Run one request. `frees` ride along with it: (ids, keys) the master has released
@@ -147,6 +148,16 @@ class ModelWorker:
                 cfg.seed,
                 self.dp_group,
             )
+        # Roles never trained, with <role>.offload: weights leave the device between calls.
+        self.offloaded = {
+            n
+            for n in self.spec.roles
+            if n not in self.spec.trained_roles
+            and roles[n].config.offload
+            and self.models[n].module is not None
+        }
+        for n in self.offloaded:
+            self.models[n].module.offload()
         for mfc in self.spec.mfcs:
             self.interfaces[mfc.name] = INTERFACES.get(mfc.interface_impl.type_)(
                 **mfc.interface_impl.args
@@ -248,33 +259,45 @@ class ModelWorker:
         device = getattr(model.module, "device", None) or "cpu"
         model.rng = torch.Generator(device=device)
         model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
-        stats: dict[str, float] = {}
-        meta = None
-        if mfc.interface_type == InterfaceType.TRAIN_STEP:
-            stats = interface.train_step(model, data, mfc.mb_spec)
-            model.version += 1
-        else:
-            call = (
-                interface.generate
-                if mfc.interface_type == InterfaceType.GENERATE
-                else interface.inference
-            )
-            out = call(model, data, mfc.mb_spec)
-            if out is not None:
-                out = out.remap_keys(mfc.output_key_remap)
-                missing = set(mfc.output_keys) - out.keys
-                if missing:
-                    raise RuntimeError(
-                        f"interface '{mfc.interface_impl.type_}' of MFC '{mfc.name}' did not return "
-                        f"keys {sorted(missing)} (returned {sorted(out.keys)})"
-                    )
-                out = out.select(mfc.output_keys)
-                self._put(out)
-                meta = out.meta()
+        offload = mfc.model_name in self.offloaded
+        if offload:
+            model.module.onload()
+        try:
+            stats, meta = self._call(mfc, model, interface, data)
+        finally:
+            if offload:
+                model.module.offload()
         end = time.time()
         return MFCResult(
             mfc.name, req.step, self.index, meta, dict(stats), start, end, self.store_size()
         )
+
+    def _call(
+        self, mfc: MFCDef, model: Model, interface: ModelInterface, data: SequenceSample
+    ) -> tuple[dict[str, float], SequenceSample | None]:
+        """Run the interface; store generate/inference outputs. Returns (stats, output meta)."""
+        if mfc.interface_type == InterfaceType.TRAIN_STEP:
+            stats = interface.train_step(model, data, mfc.mb_spec)
+            model.version += 1
+            return stats, None
+        call = (
+            interface.generate
+            if mfc.interface_type == InterfaceType.GENERATE
+            else interface.inference
+        )
+        out = call(model, data, mfc.mb_spec)
+        if out is None:
+            return {}, None
+        out = out.remap_keys(mfc.output_key_remap)
+        missing = set(mfc.output_keys) - out.keys
+        if missing:
+            raise RuntimeError(
+                f"interface '{mfc.interface_impl.type_}' of MFC '{mfc.name}' did not return "
+                f"keys {sorted(missing)} (returned {sorted(out.keys)})"
+            )
+        out = out.select(mfc.output_keys)
+        self._put(out)
+        return {}, out.meta()
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
