@@ -53,6 +53,7 @@ from realflow.experiments.ppo import (
     TRAIN,
     GenerationHyperparameters,
     RewardConfig,
+    policy_roles,
     ref_node,
     reward_node,
 )
@@ -229,22 +230,15 @@ class ReMaxConfig(ExperimentConfig):
     remax: ReMaxHyperparameters = dataclasses.field(default_factory=ReMaxHyperparameters)
 
     def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.n_seqs % self.remax.n_minibatches:
-            problems.append(
-                f"remax.n_minibatches ({self.remax.n_minibatches}) must divide n_seqs ({self.n_seqs})"
-            )
-        return problems
+        return super().validate() + self.divides_n_seqs(
+            "remax.n_minibatches", self.remax.n_minibatches
+        )
 
     def optimizer_steps_per_train_call(self) -> int:
         return self.remax.n_minibatches
 
     def roles(self) -> dict[str, ModelRole]:
-        return {
-            "actor": ModelRole(self.actor, head="lm"),
-            "ref": ModelRole(self.ref, head="lm"),
-            "rew": ModelRole(self.rew, head="reward" if self.reward.needs_model() else "none"),
-        }
+        return policy_roles(self)
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.remax)

@@ -126,6 +126,12 @@ class ExperimentConfig:
     def dfg(self) -> DataflowGraph:
         return build_dfg(self.mfcs(), self.dataset_keys)
 
+    def divides_n_seqs(self, key: str, n_minibatches: int) -> list[str]:
+        """The problem, if any, with a minibatch count that must split the batch evenly."""
+        if n_minibatches > 0 and self.n_seqs % n_minibatches:
+            return [f"{key} ({n_minibatches}) must divide n_seqs ({self.n_seqs})"]
+        return []
+
     def optimizer_steps_per_train_call(self) -> int:
         """Optimizer steps one train_step MFC takes (sizes the LR schedule)."""
         return 1

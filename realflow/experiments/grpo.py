@@ -20,6 +20,7 @@ from realflow.experiments.ppo import (
     TRAIN,
     GenerationHyperparameters,
     RewardConfig,
+    policy_roles,
     ref_node,
     reward_node,
 )
@@ -54,22 +55,15 @@ class GRPOConfig(ExperimentConfig):
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
 
     def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.grpo.n_minibatches > 0 and self.n_seqs % self.grpo.n_minibatches:
-            problems.append(
-                f"grpo.n_minibatches ({self.grpo.n_minibatches}) must divide n_seqs ({self.n_seqs})"
-            )
-        return problems
+        return super().validate() + self.divides_n_seqs(
+            "grpo.n_minibatches", self.grpo.n_minibatches
+        )
 
     def optimizer_steps_per_train_call(self) -> int:
         return self.grpo.n_minibatches
 
     def roles(self) -> dict[str, ModelRole]:
-        return {
-            "actor": ModelRole(self.actor, head="lm"),
-            "ref": ModelRole(self.ref, head="lm"),
-            "rew": ModelRole(self.rew, head="reward" if self.reward.needs_model() else "none"),
-        }
+        return policy_roles(self)
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.grpo)

@@ -123,23 +123,15 @@ class PPOConfig(ExperimentConfig):
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
 
     def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.ppo.ppo_n_minibatches > 0 and self.n_seqs % self.ppo.ppo_n_minibatches:
-            problems.append(
-                f"ppo.ppo_n_minibatches ({self.ppo.ppo_n_minibatches}) must divide n_seqs ({self.n_seqs})"
-            )
-        return problems
+        return super().validate() + self.divides_n_seqs(
+            "ppo.ppo_n_minibatches", self.ppo.ppo_n_minibatches
+        )
 
     def optimizer_steps_per_train_call(self) -> int:
         return self.ppo.ppo_n_minibatches
 
     def roles(self) -> dict[str, ModelRole]:
-        return {
-            "actor": ModelRole(self.actor, head="lm"),
-            "critic": ModelRole(self.critic, head="critic"),
-            "ref": ModelRole(self.ref, head="lm"),
-            "rew": ModelRole(self.rew, head="reward" if self.reward.needs_model() else "none"),
-        }
+        return {**policy_roles(self), "critic": ModelRole(self.critic, head="critic")}
 
     def reward_mfc(self) -> MFCDef:
         """The reward MFC; subclasses swap its interface to change how answers are scored."""
@@ -164,6 +156,16 @@ GEN, INF, TRAIN = InterfaceType.GENERATE, InterfaceType.INFERENCE, InterfaceType
 IDS = "packed_input_ids"
 # What a rollout (actor_gen) writes; see realflow/api/data.py for the layout of each key.
 ROLLOUT_KEYS = (IDS, "logprobs", "prompt_mask", "no_eos_mask")
+
+
+def policy_roles(cfg: ExperimentConfig) -> dict[str, ModelRole]:
+    """actor, ref and rew of an RL experiment; rew carries weights only when a scorer reads them."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    return {
+        "actor": ModelRole(cfg.actor, head="lm"),  # type: ignore[attr-defined]
+        "ref": ModelRole(cfg.ref, head="lm"),  # type: ignore[attr-defined]
+        "rew": ModelRole(cfg.rew, head="reward" if reward.needs_model() else "none"),  # type: ignore[attr-defined]
+    }
 
 
 def reward_node(cfg: ExperimentConfig) -> MFCDef:
