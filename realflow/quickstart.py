@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from realflow.api.config import (
 )
 from realflow.api.dfg import DFGError
 from realflow.api.registry import EXPERIMENTS, RegistryError, closest, load_plugins
+from realflow.api.tracebacks import user_frames
 
 USAGE = """usage: python -m realflow.quickstart EXPERIMENT [key=value ...] [--config FILE.yaml]
                                    [--dry-run [--json]] [--help]
@@ -98,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_plugins(_plugin_specs(overrides, presets))
     except (UsageError, ConfigError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
+        frames = user_frames(getattr(e, "traceback_text", ""))
+        if frames:
+            print("in your code (most recent call last):\n" + "\n".join(frames), file=sys.stderr)
         return EXIT_USAGE
     if not positional:
         stream = sys.stdout if "--help" in flags else sys.stderr
@@ -139,11 +144,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_experiment(name, cfg)
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. If a local worker thread is still inside a call (a hung or abandoned
+    call), skip interpreter teardown, which would abort (SIGABRT) under a thread in torch."""
+    from realflow.system.interrupt import worker_threads_alive
+
+    if worker_threads_alive():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _yaml(cfg: object) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
+def cli() -> None:
+    """The `realflow` console script and `python -m realflow.quickstart`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -132,6 +132,14 @@ class Registry(Generic[T]):
         return f"Registry({self.family!r}, {len(self._entries)} entries)"
 
 
+class PluginError(RegistryError):
+    """A plugin raised while importing; `traceback_text` holds its traceback."""
+
+    def __init__(self, message: str, traceback_text: str):
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
+
 def _describe(obj: Any) -> str:
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
@@ -177,7 +185,17 @@ def load_plugins(specs: Iterable[str] = (), entry_points: bool = True) -> list[s
         key = str(Path(spec).resolve()) if _is_file_spec(spec) else spec
         if not spec or key in _loaded_plugins:
             continue
-        _import_plugin(spec)
+        try:
+            _import_plugin(spec)
+        except RegistryError:
+            raise
+        except Exception as e:  # the user's code: report it with their frames, not a crash
+            from realflow.api.tracebacks import format_exception
+
+            raise PluginError(
+                f"plugin '{spec}' failed while importing: {type(e).__name__}: {e}",
+                format_exception(e),
+            ) from e
         _loaded_plugins.add(key)
         loaded.append(spec)
     return loaded

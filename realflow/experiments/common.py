@@ -8,8 +8,6 @@ iteration (`mfcs()`). Register it in `realflow.api.registry.EXPERIMENTS` to run 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
 from typing import Any, ClassVar
 
 from realflow.api.config import field_
@@ -84,7 +82,10 @@ class ModelRole:
 class ExperimentConfig:
     """Settings of every run. Subclasses add roles, a dataset and hyperparameters."""
 
-    output_dir: str = field_("", "Run directory; empty: runs/<experiment>/<date-time>.")
+    output_dir: str = field_(
+        "",
+        "Run directory (locked while a run uses it); empty: runs/<experiment>/<date-time>-<pid>.",
+    )
     seed: int = field_(1, "Seed of every random choice of the run.")
     mode: str = field_("local", "Where workers run.", choices=("local", "ray"))
     ray_address: str = field_("", "mode=ray: address of a running Ray cluster; empty starts one.")
@@ -92,10 +93,21 @@ class ExperimentConfig:
     total_steps: int = field_(20, "Iterations (steps) to run.", gt=0)
     n_seqs: int = field_(16, "Samples (prompts or pairs) per step.", gt=0)
     save_freq_steps: int = field_(0, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_last_n_checkpoints: int = field_(
+        0, "Delete older checkpoints, keeping the newest N (0: keep all).", ge=0
+    )
+    save_on_interrupt: bool = field_(
+        True, "On SIGINT/SIGTERM, finish the steps in flight and save a checkpoint."
+    )
     recover_mode: str = field_(
         "disabled",
-        "'auto' resumes from the last checkpoint in output_dir.",
-        choices=("disabled", "auto"),
+        "'auto': resume from the last checkpoint in output_dir, or start fresh when there is "
+        "none; 'resume': resume, and fail when there is none; 'disabled': a fresh run (an "
+        "output_dir holding a run is refused unless overwrite=true).",
+        choices=("disabled", "auto", "resume"),
+    )
+    overwrite: bool = field_(
+        False, "Start over in an output_dir holding a run: delete its metrics and checkpoints."
     )
     mfc_timeout_s: float = field_(0.0, "Fail a model call that runs longer (0: no limit).", ge=0.0)
     allocation: dict[str, int] = field_(
@@ -165,14 +177,13 @@ class ExperimentConfig:
             n_mbs=1, max_tokens_per_mb=self.roles()[role].config.max_tokens_per_mb
         )
 
-    def resolved_output_dir(self, experiment: str) -> str:
-        if self.output_dir:
-            return self.output_dir
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return os.path.join("runs", experiment, stamp)
-
     def validate(self) -> list[str]:
         problems: list[str] = []
+        if self.overwrite and self.recover_mode != "disabled":
+            problems.append(
+                f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "
+                "resume; set one of them"
+            )
         if not self.allocation:
             return problems
         roles = self.roles()  # only when needed: roles() may look up scorers (imports torch)

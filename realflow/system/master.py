@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 class RunFailure(RuntimeError):
-    """A run stopped by a failed, dead or timed-out call; the message names MFC, worker, step."""
+    """A run stopped by a failed, dead or timed-out call; the message names MFC, worker, step.
+    `traceback_text` is the failed call's traceback (empty for a death or a timeout)."""
+
+    def __init__(self, message: str, traceback_text: str = "", timed_out: bool = False):
+        super().__init__(message)
+        self.traceback_text = traceback_text
+        self.timed_out = timed_out  # a call is still running: shutting down must not wait for it
 
 
 @dataclasses.dataclass
@@ -107,11 +113,17 @@ class Master:
         on_step_end: Callable[[int, dict[str, dict[str, float]], float], None],
         save_after: Callable[[int], bool],
         save: Callable[[int], None],
-    ) -> None:
+        stop: Callable[[], bool] | None = None,
+    ) -> int:
         """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
-        flight after every step for which `save_after(step)` holds."""
+        flight after every step for which `save_after(step)` holds. When `stop()` turns true, no
+        new step starts: the steps in flight finish and the run ends after the last of them
+        (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none)."""
+        self.last_step = last_step
+        self.stopped = False
         next_fetch = first_step
         while True:
+            self._observe_stop(stop, next_fetch)
             finished = [s for s in sorted(self.steps) if len(self.steps[s].done) == len(self.mfcs)]
             for s in finished:
                 state = self.steps.pop(s)
@@ -122,15 +134,23 @@ class Master:
                     self._drain()
                     save(s)
             barrier = min((s for s in self.steps if save_after(s)), default=None)
-            if next_fetch <= last_step and self._may_fetch(next_fetch, barrier):
+            self._observe_stop(stop, next_fetch)
+            if next_fetch <= self.last_step and self._may_fetch(next_fetch, barrier):
                 self.steps[next_fetch] = self._new_step(next_fetch)
                 self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
                 next_fetch += 1
             self._dispatch_ready(barrier)
-            if not self.steps and next_fetch > last_step:
+            if not self.steps and next_fetch > self.last_step:
                 self._drain()
-                return
+                return self.last_step
             self._collect()
+
+    def _observe_stop(self, stop: Callable[[], bool] | None, next_fetch: int) -> None:
+        if stop is None or self.stopped or not stop():
+            return
+        self.stopped = True
+        self.last_step = min(self.last_step, next_fetch - 1)
+        logger.info("stop requested: no new steps; finishing up to step %d", self.last_step)
 
     def _may_fetch(self, step: int, barrier: int | None) -> bool:
         if barrier is not None and step > barrier:
@@ -232,7 +252,9 @@ class Master:
             try:
                 value = self.transport.result(handle)
             except WorkerFailure as e:
-                raise RunFailure(self._describe(call) + f" failed: {e}") from (e.cause or e)
+                raise RunFailure(self._describe(call) + f" failed: {e}", e.traceback_text) from (
+                    e.cause or e
+                )
             self._on_result(call, value)
 
     def _check_timeouts(self, exclude: set[Any]) -> None:
@@ -242,7 +264,8 @@ class Master:
         for handle, call in self.calls.items():
             if handle not in exclude and call.busy and now - call.start >= self.timeout:
                 raise RunFailure(
-                    self._describe(call) + f" timed out after {self.timeout:g} s (mfc_timeout_s)"
+                    self._describe(call) + f" timed out after {self.timeout:g} s (mfc_timeout_s)",
+                    timed_out=True,
                 )
 
     def _describe(self, call: Call) -> str:

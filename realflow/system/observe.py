@@ -118,15 +118,32 @@ class MetricsWriter:
 
 class Tracer:
     """Chrome trace (opens in Perfetto): a track per worker, one complete event per MFC call
-    with args `step`, `n_seqs` and `store` (entries the worker holds after the call)."""
+    with args `step`, `n_seqs`, `store` (entries the worker holds after the call) and `version`
+    (the parameter version of the model it read: train steps taken before it)."""
 
     def __init__(self, path: str, worker_names: dict[int, str]):
         self.path = path
         self.t0 = time.time()
+        self.master_tid = max(worker_names, default=-1) + 1  # the master's own track
+        names = {**worker_names, self.master_tid: "master (checkpoints)"}
         self.events: list[dict[str, Any]] = [
             {"name": "thread_name", "ph": "M", "pid": 0, "tid": w, "args": {"name": name}}
-            for w, name in sorted(worker_names.items())
+            for w, name in sorted(names.items())
         ]
+
+    def record_save(self, step: int, start: float, end: float) -> None:
+        """A checkpoint of `step` written from `start` to `end` (on the master's track)."""
+        self.events.append(
+            {
+                "name": f"save step_{step}",
+                "ph": "X",
+                "pid": 0,
+                "tid": self.master_tid,
+                "ts": (start - self.t0) * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": {"step": step},
+            }
+        )
 
     def record(self, result: MFCResult, n_seqs: int) -> None:
         self.events.append(
@@ -137,7 +154,12 @@ class Tracer:
                 "tid": result.worker,
                 "ts": (result.start - self.t0) * 1e6,
                 "dur": (result.end - result.start) * 1e6,
-                "args": {"step": result.step, "n_seqs": n_seqs, "store": result.store_size},
+                "args": {
+                    "step": result.step,
+                    "n_seqs": n_seqs,
+                    "store": result.store_size,
+                    "version": result.version,
+                },
             }
         )
 

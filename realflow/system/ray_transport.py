@@ -50,7 +50,14 @@ class _RayWorker:
         return os.getpid()
 
     def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
-        return self.worker.handle(kind, payload, frees)
+        try:
+            return self.worker.handle(kind, payload, frees)
+        except Exception as e:
+            from realflow.api.tracebacks import format_exception
+
+            # Travels with the pickled exception: the driver shows the user's frames from it.
+            e.realflow_traceback = format_exception(e)  # type: ignore[attr-defined]
+            raise
 
 
 def _free_port() -> int:
@@ -130,12 +137,13 @@ class RayTransport(Transport):
             return ray.get(handle)
         except RayTaskError as e:
             cause = e.cause if isinstance(e.cause, BaseException) else e
-            raise WorkerFailure(worker, f"{type(cause).__name__}: {cause}", cause) from None
+            text = getattr(cause, "realflow_traceback", "") or str(e)
+            raise WorkerFailure(worker, f"{type(cause).__name__}: {cause}", cause, text) from None
         except RayActorError as e:
             pid = self.pids[worker] if 0 <= worker < len(self.pids) else "?"
             raise WorkerFailure(worker, f"worker process (pid {pid}) died: {e}", e) from None
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         import ray
 
         if not ray.is_initialized():

@@ -8,14 +8,18 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from realflow.api.config import to_dict
 from realflow.api.dfg import DataflowGraph, write_dfg_files
+from realflow.api.tracebacks import user_frames
 from realflow.experiments.common import ExperimentConfig
-from realflow.system.checkpoint import latest_checkpoint, write_checkpoint
+from realflow.system.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
+from realflow.system.interrupt import Interrupted, StopRequest
 from realflow.system.master import Master, RunFailure
 from realflow.system.observe import MetricsWriter, Tracer, drop_rows_after
+from realflow.system.rundir import RunDirError, default_output_dir, open_run_dir
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, WorkerSpec
 
@@ -27,6 +31,9 @@ class RunResult:
     output_dir: str
     rows: list[dict[str, Any]]
     last_checkpoint: str | None
+    last_step: int = 0  # the last step that ran
+    interrupted: bool = False  # a stop request ended the run early
+    saved_at_stop: bool = False  # ...and the checkpoint of its last step was written
 
 
 def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
@@ -87,46 +94,114 @@ def resume_config(cfg: ExperimentConfig, ckpt: str) -> ExperimentConfig:
 
 
 def run_experiment(name: str, cfg: ExperimentConfig) -> int:
-    """The CLI's entry: run, print the summary; 0 on success, 1 on a failed run."""
+    """The CLI's entry: run with SIGINT/SIGTERM handled, print how it ended. Exit codes: 0 done,
+    1 a failed run, 2 a refused run directory, 128 + signal number when stopped by a signal."""
+    stop = StopRequest()
     try:
-        result = run(name, cfg)
+        with stop.on_signals():
+            result = run(name, cfg, stop)
+    except (RunDirError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, RunDirError) else 1
     except RunFailure as e:
-        logger.error("run failed: %s", e)
+        logger.error("run failed: %s\n%s", e, e.traceback_text)
         print(f"error: run failed: {e}", file=sys.stderr)
+        frames = user_frames(e.traceback_text)
+        if frames:
+            print("in your code (most recent call last):\n" + "\n".join(frames), file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"error: {e}; no checkpoint written", file=sys.stderr)
+        return 128 + e.signum
+    if result.interrupted:
+        print(interrupted_message(name, result, stop), file=sys.stderr)
+        return stop.exit_code
     print(f"run directory: {result.output_dir}")
     return 0
 
 
-def run(name: str, cfg: ExperimentConfig) -> RunResult:
-    """Run experiment `name` with `cfg`; raises RunFailure when a call fails."""
+def interrupted_message(name: str, result: RunResult, stop: StopRequest) -> str:
+    """One line: where a stopped run saved, and the command that resumes it."""
+    args = [
+        a for a in sys.argv[1:] if not a.startswith(("recover_mode=", "output_dir=", "overwrite="))
+    ]
+    if args and args[0] == name:
+        args = args[1:]
+    resume = " ".join(
+        [
+            "python -m realflow.quickstart",
+            name,
+            *args,
+            "recover_mode=auto",
+            f"output_dir={result.output_dir}",
+        ]
+    )
+    last = f"; last checkpoint {result.last_checkpoint}" if result.last_checkpoint else ""
+    if result.saved_at_stop:
+        where = f"saved {result.last_checkpoint}"
+    elif not result.rows:
+        where = "no step ran in this run" + last
+    else:
+        where = "not saved (save_on_interrupt=false)" + last
+    if not result.last_checkpoint:
+        return f"{stop.name}: stopped after step {result.last_step}; {where}; nothing to resume"
+    return f"{stop.name}: stopped after step {result.last_step}; {where}. Resume with: {resume}"
+
+
+def run(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None = None) -> RunResult:
+    """Run experiment `name` with `cfg` in its locked run directory (see rundir.py).
+
+    Raises RunDirError for a directory it must not use, RunFailure when a call fails; `stop()`
+    turning true ends the run early at a step boundary (RunResult.interrupted).
+    """
+    output_dir = cfg.output_dir or default_output_dir(name)
+    cfg = dataclasses.replace(cfg, output_dir=output_dir)
+    rundir = open_run_dir(output_dir, cfg.recover_mode, cfg.overwrite)
+    try:
+        return _run_in_dir(name, cfg, stop)
+    finally:
+        rundir.close()
+
+
+def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None) -> RunResult:
     from realflow.system.builtin_models import resolve_builtin_models
 
-    output_dir = cfg.resolved_output_dir(name)
-    cfg = dataclasses.replace(cfg, output_dir=output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = cfg.output_dir
+    found = latest_checkpoint(output_dir) if cfg.recover_mode != "disabled" else None
+    if cfg.recover_mode == "resume" and found is None:
+        raise RunDirError(
+            f"recover_mode=resume: no complete checkpoint in {output_dir}/checkpoints to resume "
+            "from; check output_dir, or use recover_mode=auto to start fresh when there is none"
+        )
+    if cfg.recover_mode == "auto" and found is None:
+        logger.warning("recover_mode=auto: no checkpoint in %s; starting at step 1", output_dir)
     dfg = cfg.dfg()
     _write_run_files(cfg, dfg)
-    first_step = 1
-    found = latest_checkpoint(output_dir) if cfg.recover_mode == "auto" else None
     run_cfg = resolve_builtin_models(cfg)
+    first_step = 1
+    # Rows of steps past the checkpoint run again (all of them when starting fresh).
+    drop_rows_after(output_dir, found[0] if found else 0)
     if found:
         first_step = found[0] + 1
         run_cfg = resume_config(run_cfg, found[1])
-        drop_rows_after(output_dir, found[0])  # steps past the checkpoint run again
         logger.info("resuming from %s (step %d)", found[1], found[0])
-    elif cfg.recover_mode != "auto" and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
-        os.remove(os.path.join(output_dir, "metrics.jsonl"))
     where = placement(run_cfg, dfg)
     transport = make_transport(run_cfg)
+    wait = True
     try:
         return _run_with(
-            name, run_cfg, dfg, where, transport, first_step, found[1] if found else None
+            name, run_cfg, dfg, where, transport, first_step, found[1] if found else None, stop
         )
     except WorkerFailure as e:
-        raise RunFailure(f"worker {e.worker}: {e}") from (e.cause or e)
+        raise RunFailure(f"worker {e.worker}: {e}", e.traceback_text) from (e.cause or e)
+    except RunFailure as e:
+        wait = not e.timed_out
+        raise
+    except Interrupted:
+        wait = False
+        raise
     finally:
-        transport.shutdown()
+        transport.shutdown(wait)
 
 
 def _write_run_files(cfg: ExperimentConfig, dfg: DataflowGraph) -> None:
@@ -145,6 +220,7 @@ def _run_with(
     transport: Transport,
     first_step: int,
     resume_from: str | None,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     specs = worker_specs(cfg, dfg, where)
     transport.start(specs)
@@ -174,30 +250,40 @@ def _run_with(
         on_call=lambda r: tracer.record(r, dfg.mfc(r.mfc).n_seqs),
     )
     last_ckpt = [resume_from]
-    # Every worker saves (and on resume loads) its state file: interface state and RNG too.
-    save_workers = workers
 
     def save(step: int) -> None:
+        # Every worker saves (and on resume loads) its state file: interface state and RNG too.
+        start = time.time()
         last_ckpt[0] = write_checkpoint(
-            cfg.output_dir, step, lambda d: transport.call_all(save_workers, Kind.SAVE, d)
+            cfg.output_dir,
+            step,
+            lambda d: transport.call_all(workers, Kind.SAVE, d),
+            cfg.keep_last_n_checkpoints,
         )
+        tracer.record_save(step, start, time.time())
         logger.info("saved %s", last_ckpt[0])
 
     def save_after(step: int) -> bool:
+        if master.stopped and step == master.last_step:
+            return cfg.save_on_interrupt
         freq = cfg.save_freq_steps
         return step == cfg.total_steps or (freq > 0 and step % freq == 0)
 
     order = [m.name for m in dfg.mfcs]
     try:
-        master.run(
+        last_step = master.run(
             first_step,
             cfg.total_steps,
             lambda s, stats, dt: metrics.write(s, stats, dt, order),
             save_after,
             save,
+            stop,
         )
     finally:
         metrics.close()
         tracer.write()
     logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, metrics.summary())
-    return RunResult(cfg.output_dir, metrics.rows, last_ckpt[0])
+    saved_at_stop = master.stopped and last_step >= first_step and cfg.save_on_interrupt
+    return RunResult(
+        cfg.output_dir, metrics.rows, last_ckpt[0], last_step, master.stopped, saved_at_stop
+    )

@@ -3,7 +3,8 @@
 `toy` sleeps for `sleep_s`, then (generate/inference) writes each output key as one float per
 sample: 1 + the sum of the sample's first input key, so consumers can check what they got; or
 (train_step) returns the batch size as a stat. `fail_on_call` raises on that call (1-based);
-`hang_on_call` sleeps `hang_s` on that call instead.
+`hang_on_call` sleeps `hang_s` on that call instead. `save` writes the model's version;
+`fail_on_save` raises on that save (1-based) and `save_sleep_s` makes every save slow.
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ class ToyInterface(ModelInterface):
         fail_on_call: int = 0,
         hang_on_call: int = 0,
         hang_s: float = 3600.0,
+        fail_on_save: int = 0,
+        save_sleep_s: float = 0.0,
     ):
         self.outputs = list(outputs)
+        self.fail_on_save = fail_on_save
+        self.save_sleep_s = save_sleep_s
+        self.saves = 0
         self.sleep_s = sleep_s
         self.fail_on_call = fail_on_call
         self.hang_on_call = hang_on_call
@@ -74,7 +80,11 @@ class ToyInterface(ModelInterface):
         return {"n_seqs": float(data.bs), "calls": float(self.calls)}
 
     def save(self, model: Model, save_dir: str) -> None:
+        self.saves += 1
+        if self.saves == self.fail_on_save:
+            raise RuntimeError(f"toy failure on save {self.saves}")
         os.makedirs(save_dir, exist_ok=True)
+        time.sleep(self.save_sleep_s)
         with open(os.path.join(save_dir, "toy.json"), "w") as f:
             json.dump({"version": model.version}, f)
 
@@ -104,6 +114,8 @@ class ToyNode:
     fail_on_call: int = 0
     hang_on_call: int = 0
     hang_s: float = 3600.0
+    fail_on_save: int = 0
+    save_sleep_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -138,6 +150,8 @@ class ToyConfig(ExperimentConfig):
                         "fail_on_call": n.fail_on_call,
                         "hang_on_call": n.hang_on_call,
                         "hang_s": n.hang_s,
+                        "fail_on_save": n.fail_on_save,
+                        "save_sleep_s": n.save_sleep_s,
                     },
                 ),
                 n_seqs=self.n_seqs,

@@ -13,9 +13,12 @@ import concurrent.futures as cf
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from realflow.api.data import SequenceSample
+from realflow.api.tracebacks import format_exception
+from realflow.system.interrupt import THREAD_PREFIX
 from realflow.system.worker import Frees, Kind, ModelWorker, Transfer, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -24,9 +27,16 @@ logger = logging.getLogger(__name__)
 class WorkerFailure(RuntimeError):
     """A worker call that raised, or a worker process that died."""
 
-    def __init__(self, worker: int, message: str, cause: BaseException | None = None):
+    def __init__(
+        self,
+        worker: int,
+        message: str,
+        cause: BaseException | None = None,
+        traceback_text: str = "",
+    ):
         self.worker = worker
         self.cause = cause
+        self.traceback_text = traceback_text
         super().__init__(message)
 
 
@@ -75,23 +85,35 @@ class Transport(abc.ABC):
         return [self.result(h) for h in handles]
 
     @abc.abstractmethod
-    def shutdown(self) -> None:
-        """Stop every worker; no process or thread is left running."""
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop every worker; no process or thread is left running. `wait=False` (a second
+        stop signal) does not wait for the calls still running to end."""
 
 
 class LocalTransport(Transport):
     """Every worker in this process, each on its own thread: calls on different workers overlap
     (torch releases the GIL in its kernels); data moves by reference."""
 
+    # How long shutdown waits for the calls still running on other workers to end.
+    join_timeout_s = 30.0
+
     def start(self, specs: list[WorkerSpec]) -> None:
         self.n_workers = len(specs)
         self.workers = [ModelWorker(spec, self._fetch) for spec in specs]
         self.queues: list[queue.Queue] = [queue.Queue() for _ in specs]
-        for i, q in enumerate(self.queues):
+        self.stopping = threading.Event()
+        self.threads = [
             # Daemon threads: a call that hangs past its timeout cannot keep the process alive.
             threading.Thread(
-                target=_serve, args=(self.workers[i], q), name=f"realflow-worker{i}", daemon=True
-            ).start()
+                target=_serve,
+                args=(self.workers[i], q, self.stopping),
+                name=f"{THREAD_PREFIX}{i}",
+                daemon=True,
+            )
+            for i, q in enumerate(self.queues)
+        ]
+        for t in self.threads:
+            t.start()
         self._worker_of: dict[cf.Future, int] = {}
 
     def _fetch(self, transfer: Transfer) -> SequenceSample:
@@ -112,24 +134,42 @@ class LocalTransport(Transport):
         worker = self._worker_of.pop(handle, -1)
         error = handle.exception()
         if error is not None:
-            raise WorkerFailure(worker, f"{type(error).__name__}: {error}", error)
+            text = format_exception(error)
+            raise WorkerFailure(worker, f"{type(error).__name__}: {error}", error, text)
         return handle.result()
 
-    def shutdown(self) -> None:
-        for q in getattr(self, "queues", []):
+    def shutdown(self, wait: bool = True) -> None:
+        """Drop the queued requests, let the running ones end, and join every worker thread
+        (a call that hangs past `join_timeout_s` is left to its daemon thread: see
+        `worker_threads_alive`)."""
+        if not hasattr(self, "queues"):
+            return
+        self.stopping.set()
+        for q in self.queues:
             q.put(None)
+        deadline = time.monotonic() + (self.join_timeout_s if wait else 0.0)
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:
+            logger.warning(
+                "worker threads still in a call after %gs: %s", self.join_timeout_s, alive
+            )
 
 
 # Setup imports transformers & co. lazily; their lazy-import machinery is not thread-safe.
 _SETUP_LOCK = threading.Lock()
 
 
-def _serve(worker: ModelWorker, requests: queue.Queue) -> None:
+def _serve(worker: ModelWorker, requests: queue.Queue, stopping: threading.Event) -> None:
     while True:
         item = requests.get()
         if item is None:
             return
         future, kind, payload, frees = item
+        if stopping.is_set():
+            future.cancel()
+            continue
         if not future.set_running_or_notify_cancel():
             continue
         try:

@@ -81,6 +81,7 @@ class MFCResult:
     start: float
     end: float
     store_size: int = 0  # (sample, key) entries the worker holds after the call: spots leaks
+    version: int = 0  # the parameter version (train steps taken) of the model the call read
 
 
 def call_seed(seed: int, step: int, name: str) -> int:
@@ -255,6 +256,7 @@ class ModelWorker:
             self._put(self.fetch_remote(transfer))
         data = self.local_data(req.ids, list(mfc.input_keys)).remap_keys(mfc.input_key_remap)
         model = self.models[mfc.model_name]
+        version = model.version
         interface = self.interfaces[mfc.name]
         device = getattr(model.module, "device", None) or "cpu"
         model.rng = torch.Generator(device=device)
@@ -269,7 +271,15 @@ class ModelWorker:
                 model.module.offload()
         end = time.time()
         return MFCResult(
-            mfc.name, req.step, self.index, meta, dict(stats), start, end, self.store_size()
+            mfc.name,
+            req.step,
+            self.index,
+            meta,
+            dict(stats),
+            start,
+            end,
+            self.store_size(),
+            version,
         )
 
     def _call(

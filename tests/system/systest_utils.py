@@ -28,6 +28,7 @@ class Event:
     start: float  # us
     end: float  # us
     store: int
+    version: int  # parameter version of the model the call read
 
 
 def load_trace(output_dir: str) -> tuple[list[Event], dict[int, str]]:
@@ -38,7 +39,7 @@ def load_trace(output_dir: str) -> tuple[list[Event], dict[int, str]]:
     for e in trace["traceEvents"]:
         if e["ph"] == "M" and e["name"] == "thread_name":
             names[e["tid"]] = e["args"]["name"]
-        elif e["ph"] == "X":
+        elif e["ph"] == "X" and "version" in e["args"]:  # MFC calls (not checkpoint saves)
             events.append(
                 Event(
                     e["name"],
@@ -47,9 +48,21 @@ def load_trace(output_dir: str) -> tuple[list[Event], dict[int, str]]:
                     e["ts"],
                     e["ts"] + e["dur"],
                     e["args"]["store"],
+                    e["args"]["version"],
                 )
             )
     return events, names
+
+
+def load_saves(output_dir: str) -> dict[int, tuple[float, float]]:
+    """step -> (start, end) in us of every checkpoint save in `output_dir/trace.json`."""
+    with open(os.path.join(output_dir, "trace.json")) as f:
+        trace = json.load(f)
+    return {
+        e["args"]["step"]: (e["ts"], e["ts"] + e["dur"])
+        for e in trace["traceEvents"]
+        if e["ph"] == "X" and e["name"].startswith("save step_")
+    }
 
 
 def by_key(events: list[Event]) -> dict[tuple[str, int], Event]:
@@ -113,11 +126,11 @@ class Spy:
             transport = make(cfg)
             shutdown = transport.shutdown
 
-            def shutdown_after_store_check() -> None:
+            def shutdown_after_store_check(wait: bool = True) -> None:
                 if spy.store_check:
                     workers = list(range(transport.n_workers))
                     spy.store_sizes.append(transport.call_all(workers, Kind.STORE_SIZE))
-                shutdown()
+                shutdown(wait)
 
             transport.shutdown = shutdown_after_store_check
             spy.transports.append(transport)
@@ -189,6 +202,7 @@ def run_ppo_like_and_check(tmp_path: Any, spy: Spy, mode: str, steps: int = 3) -
         1: "worker 1 (rew)",
         2: "worker 2 (ref)",
         3: "worker 3 (critic)",
+        4: "master (checkpoints)",
     }
     index = by_key(events)
     assert set(index) == {(n.name, s) for n in cfg.nodes for s in range(1, steps + 1)}

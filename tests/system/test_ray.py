@@ -76,6 +76,9 @@ def test_interface_exception_ray(tmp_path, monkeypatch):
     message = str(info.value)
     assert "MFC 'critic_train' on worker 3 at step 3 failed" in message, message
     assert "RuntimeError: toy failure on call 3" in message
+    # The actor's traceback comes back with the failure (its frames name the raising line).
+    assert 'toy_interfaces.py", line' in info.value.traceback_text, info.value.traceback_text
+    assert "in _work" in info.value.traceback_text
     check_checkpoints_intact(str(tmp_path), expect_latest=2)
     assert_workers_gone(spy)
 
