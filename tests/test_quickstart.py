@@ -200,6 +200,20 @@ def test_general_help_lists_experiments():
     assert proc.returncode == 0 and "dpo, grpo, ppo, rw, sft" in proc.stdout
 
 
+# ---- runs ------------------------------------------------------------------------------------
+
+
+def test_a_run_logged_to_a_file_has_no_progress_bar(tmp_path):
+    # stderr here is a pipe, as in a job log: the bar used to redraw into it with carriage returns.
+    out = tmp_path / "run"
+    proc = run_cli("sft", "total_steps=3", "n_seqs=4", "tensorboard=false", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr and "s/it" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if "realflow.system.observe: " in line]
+    assert progress and "observe: steps 3/3: loss=" in progress[-1], progress  # in its place, lines
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 # ---- dry runs: the graphs --------------------------------------------------------------------
 
 IDS, MASK, LOGP, NO_EOS = "packed_input_ids", "prompt_mask", "logprobs", "no_eos_mask"
