@@ -101,9 +101,13 @@ def test_malformed_value_is_a_user_error():
     assert problem.startswith("ppo.kl_ctl='[1,2': ")
 
 
-def test_an_allocation_that_leaves_out_roles_is_refused_by_dry_run():
-    # allocation.actor=5 alone passed --dry-run, then the run died with a traceback.
-    assert problem_lines(user_error("ppo", "allocation.actor=5", "--dry-run")) == [
+def test_an_allocation_that_leaves_out_roles_is_refused_by_dry_run(capsys):
+    # allocation.actor=5 alone passed --dry-run, then the run died with a traceback. In process:
+    # checking an allocation looks up the roles' reward scorers, which imports torch (seconds).
+    from realflow.quickstart import main
+
+    assert main(["ppo", "allocation.actor=5", "--dry-run"]) == 2
+    assert problem_lines(capsys.readouterr().err) == [
         "allocation: gives no worker index for roles ref, rew, critic; give every role one "
         "(e.g. allocation.ref=0) or leave allocation empty for a worker per role"
     ]
