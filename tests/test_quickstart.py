@@ -101,6 +101,32 @@ def test_malformed_value_is_a_user_error():
     assert problem.startswith("ppo.kl_ctl='[1,2': ")
 
 
+def test_an_allocation_that_leaves_out_roles_is_refused_by_dry_run(capsys):
+    # allocation.actor=5 alone passed --dry-run, then the run died with a traceback. In process:
+    # checking an allocation looks up the roles' reward scorers, which imports torch (seconds).
+    from realflow.quickstart import main
+
+    assert main(["ppo", "allocation.actor=5", "--dry-run"]) == 2
+    assert problem_lines(capsys.readouterr().err) == [
+        "allocation: gives no worker index for roles ref, rew, critic; give every role one "
+        "(e.g. allocation.ref=0) or leave allocation empty for a worker per role"
+    ]
+
+
+@pytest.mark.slow
+def test_worker_indices_with_gaps_run_like_the_default_allocation(tmp_path):
+    # Indices only group roles: actor=7, ref=3 must run exactly as the default (a worker each).
+    losses = []
+    for name, allocation in (("gaps", ["allocation.actor=7", "allocation.ref=3"]), ("plain", [])):
+        out = tmp_path / name
+        args = ["total_steps=2", "n_seqs=4", "progress_bar=false", "tensorboard=false"]
+        proc = run_cli("dpo", *args, *allocation, f"output_dir={out}")
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append([row["loss"] for row in rows])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
 def test_unknown_experiment_lists_the_registered_ones_and_the_closest():
     err = user_error("ppoo", "--dry-run")
     assert "unknown experiment 'ppoo'. Did you mean 'ppo'?" in err
@@ -176,6 +202,20 @@ def test_help_lists_fields_with_type_default_and_doc():
 def test_general_help_lists_experiments():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "dpo, grpo, ppo, rw, sft" in proc.stdout
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+
+def test_a_run_logged_to_a_file_has_no_progress_bar(tmp_path):
+    # stderr here is a pipe, as in a job log: the bar used to redraw into it with carriage returns.
+    out = tmp_path / "run"
+    proc = run_cli("sft", "total_steps=3", "n_seqs=4", "tensorboard=false", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr and "s/it" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if "realflow.system.observe: " in line]
+    assert progress and "observe: steps 3/3: loss=" in progress[-1], progress  # in its place, lines
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 # ---- dry runs: the graphs --------------------------------------------------------------------

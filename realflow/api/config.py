@@ -117,17 +117,37 @@ def _owner_hints(cls: type, path: str) -> dict[str, Any]:
 
 
 def closest_key(key: str, valid: Iterable[str]) -> str | None:
+    """The valid key a user most likely meant by the unknown `key`, or None.
+
+    A valid key with the same leaf name wins (`actor.lr` -> `actor.optimizer.lr`): the one sharing
+    most of `key`'s sections, in order, then the first declared. Otherwise the most similar
+    sibling, then the most similar key anywhere, then the most similar leaf name.
+    """
     valid = list(valid)
-    parent = key.rpartition(".")[0]
+    parent, _, tail = key.rpartition(".")
+    same_leaf = [v for v in valid if v.rpartition(".")[2] == tail]
+    if same_leaf:
+        sections = parent.split(".") if parent else []
+        return max(same_leaf, key=lambda v: _n_common(sections, v.split(".")[:-1]))
     siblings = [v for v in valid if v.rpartition(".")[0] == parent]
     for pool in (siblings, valid):
         match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
         if match:
             return match[0]
-    tail = key.rpartition(".")[2]
     by_tail = {v.rpartition(".")[2]: v for v in valid}
     match = difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.7)
     return by_tail[match[0]] if match else None
+
+
+def _n_common(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two section lists."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
 
 
 def _check_key(cls: type, key: str, valid: dict[str, dataclasses.Field]) -> str | None:

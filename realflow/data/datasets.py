@@ -13,7 +13,8 @@ Token layout (BOS only when the tokenizer has one, EOS likewise; see realflow.da
     packed_input_ids  = [BOS] + prompt + answer + [EOS]
     prompt_mask       = True on [BOS] + prompt, False on answer + [EOS]
 
-Row problems (invalid JSON, a missing or wrong-typed field) raise `DatasetError` with
+Files are UTF-8 (a byte order mark at the start is ignored). Row problems (bytes that are not
+UTF-8, invalid JSON, a missing or wrong-typed field) raise `DatasetError` with
 `file:line: field 'name': ...`; with `skip_bad_rows=True` they are skipped, logged and counted in
 `n_bad` (messages in `bad_rows`). `max_length` bounds every sequence: longer rows are dropped
 (`n_dropped`), or with `truncate=True` cut (`n_truncated`): prompts lose their left end (BOS kept),

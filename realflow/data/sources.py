@@ -14,6 +14,7 @@ Rows carry `task`, `prompt` and `answer`; paired datasets also get `chosen` and 
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -48,21 +49,27 @@ def is_builtin_source(path: str) -> bool:
 
 
 def read_jsonl(path: str) -> list[tuple[int, Row | RowError]]:
-    """`(line, row)` per non-blank line of a JSONL file; a line that is not a JSON object gives a
-    RowError in place of the row, so the caller decides whether to raise or skip."""
+    """`(line, row)` per non-blank line of a UTF-8 JSONL file (a UTF-8 byte order mark at the start
+    is ignored); a line that is not UTF-8 or not a JSON object gives a RowError in place of the
+    row, so the caller decides whether to raise or skip."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise DatasetError(f"dataset path '{path}' is a directory; give a JSONL file")
     if not file.is_file():
         raise DatasetError(
             f"dataset file '{path}' does not exist (give a JSONL file, or a built-in name like "
             f"'{BUILTIN_PREFIX}reverse')"
         )
     out: list[tuple[int, Row | RowError]] = []
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with file.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(_decode_line(raw, first=line_no == 1))
+            except RowError as e:
+                out.append((line_no, e))
+                continue
             except json.JSONDecodeError as e:
                 out.append((line_no, RowError(f"invalid JSON: {e.msg} (column {e.colno})")))
                 continue
@@ -73,6 +80,19 @@ def read_jsonl(path: str) -> list[tuple[int, Row | RowError]]:
                 continue
             out.append((line_no, row))
     return out
+
+
+def _decode_line(raw: bytes, first: bool) -> str:
+    """One line's text; RowError names the first byte that is not UTF-8 and its column."""
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(raw[: e.start].decode("utf-8")) + 1
+        raise RowError(
+            f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {column}; save the file as UTF-8"
+        ) from None
 
 
 def builtin_rows(

@@ -193,6 +193,14 @@ class ExperimentConfig:
         for role, index in self.allocation.items():
             if index < 0:
                 problems.append(f"allocation.{role}: worker index ({index}) must be >= 0")
+        # Indices only group roles (gaps are fine), but the runner needs one for every role.
+        missing = [role for role in roles if role not in self.allocation]
+        if missing:
+            problems.append(
+                f"allocation: gives no worker index for roles {', '.join(missing)}; give every "
+                f"role one (e.g. allocation.{missing[0]}=0) or leave allocation empty for a "
+                "worker per role"
+            )
         return problems
 
 

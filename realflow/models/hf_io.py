@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -51,12 +52,56 @@ class LoadedHF(NamedTuple):
 # --------------------------------------------------------------------------------- reading
 
 
+_DAMAGED = "copy or download the checkpoint again (an interrupted download or copy?)"
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object file of a checkpoint; ValueError names the file when it is damaged."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: is not valid JSON ({e}); {_DAMAGED}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}; {_DAMAGED}")
+    return data
+
+
+def _load_weights_file(file: Path, index: Path | None = None) -> StateDict:
+    """The tensors of one .safetensors or .bin file (`index` lists it, for a missing shard)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise ValueError(f"{file}: is missing (listed in {index}); {_DAMAGED}")
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except SafetensorError as e:
+            raise ValueError(
+                f"{file}: is not a readable safetensors file ({e}); {_DAMAGED}"
+            ) from None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).split(". ")[0]  # torch appends a paragraph of advice
+        raise ValueError(f"{file}: cannot be read by torch.load ({first}); {_DAMAGED}") from None
+
+
+def _shard_files(path: Path, index_name: str) -> list[Path]:
+    """The shard files a sharded checkpoint's index lists, in name order."""
+    index = _read_json(path / index_name)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path / index_name}: has no 'weight_map' object; {_DAMAGED}")
+    return [path / shard for shard in sorted(set(weight_map.values()))]
+
+
 def read_hf_config(path: str | os.PathLike) -> dict:
     """config.json of an HF directory as a dict."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{path} is not an HF checkpoint directory: no config.json")
-    return json.loads(file.read_text())
+    return _read_json(file)
 
 
 def config_from_hf_dir(path: str | os.PathLike) -> TransformerConfig:
@@ -67,22 +112,15 @@ def config_from_hf_dir(path: str | os.PathLike) -> TransformerConfig:
 
 def read_hf_state_dict(path: str | os.PathLike) -> StateDict:
     """All tensors of an HF directory: safetensors (single or sharded) or pytorch_model*.bin."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / SAFE_INDEX).is_file():
-        shards = sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    if (path / BIN_INDEX).is_file():
-        shards = sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values()))
-        sd: StateDict = {}
-        for shard in shards:
-            sd.update(torch.load(path / shard, map_location="cpu", weights_only=True))
-        return sd
+    for single, index in (("model.safetensors", SAFE_INDEX), ("pytorch_model.bin", BIN_INDEX)):
+        if (path / single).is_file():
+            return _load_weights_file(path / single)
+        if (path / index).is_file():
+            sd: StateDict = {}
+            for shard in _shard_files(path, index):
+                sd.update(_load_weights_file(shard, index=path / index))
+            return sd
     found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     raise ValueError(
         f"no weights in {path}: expected model.safetensors, {SAFE_INDEX}, pytorch_model.bin or "

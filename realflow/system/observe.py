@@ -1,5 +1,5 @@
-"""What a run leaves to look at: metrics.jsonl, tensorboard events, trace.json, a progress bar
-and a summary table."""
+"""What a run leaves to look at: metrics.jsonl, tensorboard events, trace.json, progress (a bar
+on a terminal, log lines otherwise) and a summary table."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import logging
 import math
 import os
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from realflow.system.worker import MFCResult
 
@@ -16,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Keys shown in the progress bar and the summary when a row has them.
 KEY_METRICS = ("reward/mean", "loss", "acc", "reward_acc", "kl")
+# When stderr is not a terminal, a progress log line at most this often (in seconds).
+PROGRESS_LOG_EVERY_S = 30.0
 
 
 def flatten_step(
@@ -48,6 +52,13 @@ def drop_rows_after(output_dir: str, step: int) -> None:
 
 
 class MetricsWriter:
+    """Writes each step's row to metrics.jsonl (and tensorboard) and shows progress.
+
+    Progress goes to `stream` (stderr by default): a tqdm bar when it is a terminal; otherwise
+    (a log file, a pipe, a cluster job's output) no bar, but an INFO log line with the key
+    metrics at the first step, at most every `PROGRESS_LOG_EVERY_S` seconds, and at the last.
+    """
+
     def __init__(
         self,
         output_dir: str,
@@ -55,6 +66,8 @@ class MetricsWriter:
         tensorboard: bool,
         progress_bar: bool,
         train_order: list[str],
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.train_order = train_order
@@ -64,11 +77,19 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        stream = sys.stderr if stream is None else stream
         self.bar = None
-        if progress_bar:
+        self.log_progress = progress_bar and not _is_terminal(stream)
+        if progress_bar and not self.log_progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="steps", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=total_steps, desc="steps", dynamic_ncols=True, leave=True, file=stream
+            )
+        self.total_steps = total_steps
+        self.clock = clock
+        self.n_written = 0
+        self.last_line_t: float | None = None
 
     def write(
         self, step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
@@ -85,13 +106,23 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
+        self.n_written += 1
+        shown = {k: f"{row[k]:.4g}" for k in KEY_METRICS if isinstance(row.get(k), (int, float))}
         if self.bar is not None:
-            shown = {
-                k: f"{row[k]:.4g}" for k in KEY_METRICS if isinstance(row.get(k), (int, float))
-            }
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
+        elif self.log_progress:
+            self._progress_line(shown)
         return row
+
+    def _progress_line(self, shown: dict[str, str]) -> None:
+        now, last = self.clock(), self.last_line_t
+        final = self.n_written >= self.total_steps
+        if last is not None and now - last < PROGRESS_LOG_EVERY_S and not final:
+            return
+        self.last_line_t = now
+        metrics = " ".join(f"{k}={v}" for k, v in shown.items())
+        logger.info("steps %d/%d: %s", self.n_written, self.total_steps, metrics)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -114,6 +145,11 @@ class MetricsWriter:
                     f"{k:<16}{sum(first) / len(first):>14.4f}{sum(last) / len(last):>14.4f}"
                 )
         return "\n".join(lines)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 class Tracer:
