@@ -25,6 +25,7 @@ from realflow.algorithms import (
     gae_packed,
     kl_shaped_rewards,
     masked_mean,
+    masked_var,
     masked_whiten,
     ppo_actor_loss,
     ppo_critic_loss,
@@ -169,6 +170,7 @@ class PPOReturns:
             "advantages/mean": float(masked_mean(adv_T1, mask_T1)),
             "returns/mean": float(masked_mean(ret_T1, mask_T1)),
             "values/mean": float(masked_mean(values_T1, mask_T1)),
+            "values/explained_var": explained_variance(values_T1, ret_T1, mask_T1),
             "answer_len/mean": float(n_answer_B.mean()),
             "no_eos_ratio": float(no_eos_B.float().mean()),
         }
@@ -184,6 +186,18 @@ class PPOReturns:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if self.value_rms is not None:
             self.value_rms.load_state_dict(state["value_rms"])
+
+
+def explained_variance(
+    values_T1: torch.Tensor, returns_T1: torch.Tensor, mask_T1: torch.Tensor
+) -> float:
+    """`1 - Var(returns - values) / Var(returns)` over answer tokens: 1 for a perfect critic, 0
+    for one that predicts the mean, negative for one that is worse (nan when returns are
+    constant)."""
+    var_returns = float(masked_var(returns_T1, mask_T1))
+    if var_returns == 0.0:
+        return float("nan")
+    return 1.0 - float(masked_var(returns_T1 - values_T1, mask_T1)) / var_returns
 
 
 def train_sample(data: SequenceSample, tensors: dict[str, torch.Tensor]) -> SequenceSample:
@@ -378,7 +392,9 @@ class PPOCriticInterface(ModelInterface):
             engine, sample, self.args.ppo_n_minibatches, mb_spec, self.loss, n_loss_tokens
         )
         # Reward and KL statistics are the actor's to report; the critic adds its own.
-        own = {k: batch.stats[k] for k in ("returns/mean", "values/mean")}
+        own = {
+            k: batch.stats[k] for k in ("returns/mean", "values/mean", "values/explained_var")
+        }
         return {**own, **stats}
 
     def save(self, model: Model, save_dir: str) -> None:
