@@ -39,7 +39,15 @@ def rollout(tokenizer, n=4, seed=0, **changes):
     return actor, iface, prompts, iface.generate(actor, prompts, MB)
 
 
-@pytest.mark.parametrize("gen", [dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7)])
+@pytest.mark.parametrize(
+    "gen",
+    [
+        dict(greedy=True),
+        dict(greedy=True, temperature=0.7),
+        dict(temperature=1.0),
+        dict(temperature=0.7),
+    ],
+)
 def test_generate_layout_and_logprobs_match_inference(tokenizer, gen):
     actor, iface, prompts, out = rollout(tokenizer, n=5, gen=gen)
     assert out.ids == prompts.ids
@@ -80,6 +88,38 @@ def test_generate_with_top_k_stores_unfiltered_logprobs(tokenizer):
     torch.testing.assert_close(out.data["logprobs"][amask], inf.data["logprobs"][amask])
     n_answer = (~out.data["prompt_mask"]).long().split(out.flat_seqlens("prompt_mask"))
     assert all(int(n.sum()) >= 2 for n in n_answer)  # min_new_tokens
+
+
+@pytest.mark.parametrize(
+    "gen,exact",
+    [
+        (dict(), True),
+        (dict(temperature=0.6), True),
+        (dict(greedy=True, temperature=0.6, top_k=3, top_p=0.5), True),
+        (dict(top_k=5), False),
+        (dict(top_p=0.9), False),
+        (dict(temperature=0.6, top_k=5, top_p=0.9), False),
+        (dict(min_new_tokens=2), False),
+    ],
+)
+def test_logprobs_are_exact_iff_sampling_is_the_plain_tempered_softmax(gen, exact):
+    """The rollout keeps generation log-probs only when logprobs_are_exact: then the sampling
+    distribution (process_logits, tested against a reference in tests/models) must be
+    log_softmax(logits / temperature) at the temperature training uses; top-k / top-p
+    filters (and min_new_tokens, which masks stop tokens) change it."""
+    from realflow.interfaces.common import logprobs_are_exact
+    from realflow.interfaces.ppo import logprob_temperature
+    from realflow.models.generation import GenerationConfig, process_logits
+
+    gconfig = GenerationConfig(max_new_tokens=4, **gen)
+    assert logprobs_are_exact(gconfig) == exact
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    sampled = torch.log_softmax(process_logits(logits, gconfig), -1)
+    plain = torch.log_softmax(logits / logprob_temperature(gen), -1)
+    if exact:
+        torch.testing.assert_close(sampled, plain)
+    elif not gconfig.min_new_tokens:
+        assert not torch.allclose(sampled, plain)
 
 
 def ppo_train_batch(tokenizer, actor, iface, out, scores):
