@@ -28,6 +28,8 @@ class GenerationConfig:
     """How to pick new tokens and when to stop.
 
     `greedy` ignores temperature/top_k/top_p. `top_k=0` and `top_p=1.0` disable those filters.
+    Ties are kept together: every token tied at the k-th logit, and every token tied with the
+    least probable one top_p keeps (see `process_logits`).
     A sequence stops at any of `eos_token_ids` (None: the model config's eos_token_id) or
     `stop_token_ids` once it has `min_new_tokens`, and always at `max_new_tokens`.
     """
@@ -92,7 +94,15 @@ class GenerationOutput:
 
 
 def process_logits(logits_BV: torch.Tensor, gconfig: GenerationConfig) -> torch.Tensor:
-    """Logits of the distribution to sample from: temperature, then top-k, then top-p (fp32)."""
+    """Logits of the distribution to sample from (fp32; filtered tokens get -inf).
+
+    Greedy: the logits as they are. Otherwise, in this order (as transformers' warpers):
+    divide by `temperature`; `top_k` keeps every token whose logit is >= the k-th largest (ties
+    at the k-th value are all kept); `top_p` keeps the smallest set of most probable tokens
+    whose probability (after top-k) reaches `top_p`, plus every token tied with the least
+    probable of them: a token is kept when the mass of strictly more probable tokens is
+    < top_p. So equal logits are always treated alike, and the argmax is always kept.
+    """
     logits = logits_BV.float()
     if gconfig.greedy:
         return logits
@@ -102,12 +112,13 @@ def process_logits(logits_BV: torch.Tensor, gconfig: GenerationConfig) -> torch.
         kth = torch.topk(logits, gconfig.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if gconfig.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= gconfig.top_p  # the first token is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # Mass of the tokens sorted before each one: non-decreasing, so the kept ones are a prefix.
+        mass_before = torch.nn.functional.pad(probs.cumsum(-1)[:, :-1], (1, 0))
+        n_keep = (mass_before < gconfig.top_p).sum(-1, keepdim=True)  # >= 1: mass_before[0] = 0
+        cutoff = sorted_logits.gather(-1, n_keep - 1)
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
     return logits
 
 

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from realflow.algorithms import (
     AdaptiveKLController,
     FixedKLController,
+    grpo_loss,
     kl_estimate,
     kl_shaped_rewards,
+    ppo_actor_loss,
 )
 
 
@@ -29,14 +31,71 @@ def test_kl_estimators_match_formulas():
         kl_estimate(lp, ref, "k33")
 
 
-def test_k3_is_unbiased_for_true_kl():
-    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    q = torch.tensor([0.2, 0.4, 0.4], dtype=torch.float64)
-    true_kl = float((p * (p / q).log()).sum())
-    # Exact expectation over x ~ p of each unbiased estimator.
-    for kind in ("k1", "k3"):
-        est = kl_estimate(p.log(), q.log(), kind)
-        assert float((p * est).sum()) == pytest.approx(true_kl, rel=1e-12)
+# Two known categorical distributions: pi (the sampling policy) and ref. KL(pi || ref) and
+# KL(ref || pi) differ, so an estimator of the wrong direction (or sign) cannot pass for the other.
+PI = [0.6, 0.25, 0.1, 0.05]
+REF = [0.25, 0.25, 0.25, 0.25]
+
+
+def exact_kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def sampled_logprobs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(x) and log ref(x) of n tokens x ~ pi (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.multinomial(torch.tensor(PI, dtype=torch.float64), n, replacement=True, generator=g)
+    return torch.tensor(PI, dtype=torch.float64).log()[x], torch.tensor(REF).double().log()[x]
+
+
+def std_error(samples: torch.Tensor) -> float:
+    return float(samples.std()) / math.sqrt(samples.numel())
+
+
+def assert_mean_near(samples: torch.Tensor, want: float, n_se: float = 5.0) -> None:
+    mean = float(samples.mean())
+    assert abs(mean - want) < n_se * std_error(samples), (mean, want, std_error(samples))
+
+
+def test_exact_expectations_of_the_estimators():
+    """E_{x~pi} of k1 and k3 is KL(pi || ref) exactly; k2's is E[log(pi/ref)^2] / 2."""
+    kl = exact_kl(PI, REF)
+    want_k2 = sum(a * 0.5 * math.log(a / b) ** 2 for a, b in zip(PI, REF))
+    p = torch.tensor(PI, dtype=torch.float64)
+    logp, logq = p.log(), torch.tensor(REF, dtype=torch.float64).log()
+    for kind, want in (("k1", kl), ("k2", want_k2), ("k3", kl)):
+        assert float((p * kl_estimate(logp, logq, kind)).sum()) == pytest.approx(want, rel=1e-12)
+
+
+def test_monte_carlo_estimates_converge_to_kl_of_the_sampling_policy():
+    kl, reverse = exact_kl(PI, REF), exact_kl(REF, PI)
+    assert kl > 0.2 and abs(kl - reverse) > 0.05  # the direction is visible
+    logp, logq = sampled_logprobs(200_000)
+    k1, k2, k3 = (kl_estimate(logp, logq, k) for k in ("k1", "k2", "k3"))
+    assert_mean_near(k1, kl)
+    assert_mean_near(k3, kl)
+    assert bool((k3 >= 0).all()) and bool((k2 >= 0).all())
+    # k2 is biased: its mean is E[log(pi/ref)^2] / 2, measurably away from the KL.
+    want_k2 = sum(a * 0.5 * math.log(a / b) ** 2 for a, b in zip(PI, REF))
+    assert_mean_near(k2, want_k2)
+    assert abs(want_k2 - kl) > 20 * std_error(k2)
+
+
+def test_policy_loss_kl_stats_estimate_kl_of_the_sampler():
+    """PPO's approx_kl (tokens drawn by the old policy) and GRPO's ref_kl (tokens drawn by pi)
+    estimate KL(sampler || other) with the right sign."""
+    kl = exact_kl(PI, REF)
+    logp, logq = sampled_logprobs(200_000, seed=1)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    k1, k3 = kl_estimate(logp, logq, "k1"), kl_estimate(logp, logq, "k3")
+    # PPO: the old policy PI drew the tokens; the current policy is REF. KL(old || new).
+    _, s = ppo_actor_loss(logq, logp, torch.zeros_like(logp), mask, eps_clip=0.2)
+    assert abs(float(s.approx_kl_k1) - kl) < 5 * std_error(k1)
+    assert abs(float(s.approx_kl_k3) - kl) < 5 * std_error(-logq + logp + torch.expm1(logq - logp))
+    # GRPO: the current policy PI drew the tokens; ref is REF. KL(pi || ref).
+    cu = torch.tensor([0, logp.numel() + 1], dtype=torch.int32)
+    _, s = grpo_loss(logp, logp, logq, torch.zeros_like(logp), mask, cu, 0.2, 0.1)
+    assert abs(float(s.ref_kl) - kl) < 5 * std_error(k3)
 
 
 def test_fixed_controller():
@@ -66,6 +125,22 @@ def test_adaptive_controller_follows_ziegler_and_resumes_exactly():
         assert resumed.value == c.value
     with pytest.raises(ValueError, match="target > 0"):
         AdaptiveKLController(0.1, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [3.0, 1.1, 1.0, 0.95, 0.5, 0.0])
+def test_adaptive_controller_grows_above_target_and_shrinks_below(ratio):
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+    target, horizon, n = 4.0, 1000.0, 50
+    c = AdaptiveKLController(0.1, target, horizon)
+    c.update(ratio * target, n)
+    err = min(max(ratio - 1.0, -0.2), 0.2)
+    assert c.value == pytest.approx(0.1 * (1 + err * n / horizon), rel=1e-12)
+    if ratio > 1:
+        assert c.value > 0.1
+    elif ratio < 1:
+        assert c.value < 0.1
+    else:
+        assert c.value == 0.1
 
 
 def ref_shaped(pk, score, lp, ref, kl_coef, no_eos, scale, bias, clip, mask_zero, penalty):

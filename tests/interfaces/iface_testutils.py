@@ -32,8 +32,16 @@ def make_module(tokenizer, head: str = "lm", seed: int = 0) -> torch.nn.Module:
     return PackedTransformer(cfg, head=head)
 
 
-def train_model(tokenizer, head: str = "lm", seed: int = 0, lr: float = 1e-3, name: str = "actor"):
-    optim = OptimizerConfig(lr=lr, lr_scheduler_type="constant", warmup_steps_proportion=0.0)
+def train_model(
+    tokenizer,
+    head: str = "lm",
+    seed: int = 0,
+    lr: float = 1e-3,
+    name: str = "actor",
+    optim: OptimizerConfig | None = None,
+):
+    if optim is None:
+        optim = OptimizerConfig(lr=lr, lr_scheduler_type="constant", warmup_steps_proportion=0.0)
     engine = build_train_engine(make_module(tokenizer, head, seed), EngineConfig(), optim, 100)
     return Model(name, engine, tokenizer)
 

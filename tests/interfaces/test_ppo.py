@@ -39,7 +39,15 @@ def rollout(tokenizer, n=4, seed=0, **changes):
     return actor, iface, prompts, iface.generate(actor, prompts, MB)
 
 
-@pytest.mark.parametrize("gen", [dict(greedy=True), dict(temperature=1.0), dict(temperature=0.7)])
+@pytest.mark.parametrize(
+    "gen",
+    [
+        dict(greedy=True),
+        dict(greedy=True, temperature=0.7),
+        dict(temperature=1.0),
+        dict(temperature=0.7),
+    ],
+)
 def test_generate_layout_and_logprobs_match_inference(tokenizer, gen):
     actor, iface, prompts, out = rollout(tokenizer, n=5, gen=gen)
     assert out.ids == prompts.ids
@@ -80,6 +88,38 @@ def test_generate_with_top_k_stores_unfiltered_logprobs(tokenizer):
     torch.testing.assert_close(out.data["logprobs"][amask], inf.data["logprobs"][amask])
     n_answer = (~out.data["prompt_mask"]).long().split(out.flat_seqlens("prompt_mask"))
     assert all(int(n.sum()) >= 2 for n in n_answer)  # min_new_tokens
+
+
+@pytest.mark.parametrize(
+    "gen,exact",
+    [
+        (dict(), True),
+        (dict(temperature=0.6), True),
+        (dict(greedy=True, temperature=0.6, top_k=3, top_p=0.5), True),
+        (dict(top_k=5), False),
+        (dict(top_p=0.9), False),
+        (dict(temperature=0.6, top_k=5, top_p=0.9), False),
+        (dict(min_new_tokens=2), False),
+    ],
+)
+def test_logprobs_are_exact_iff_sampling_is_the_plain_tempered_softmax(gen, exact):
+    """The rollout keeps generation log-probs only when logprobs_are_exact: then the sampling
+    distribution (process_logits, tested against a reference in tests/models) must be
+    log_softmax(logits / temperature) at the temperature training uses; top-k / top-p
+    filters (and min_new_tokens, which masks stop tokens) change it."""
+    from realflow.interfaces.common import logprobs_are_exact
+    from realflow.interfaces.ppo import logprob_temperature
+    from realflow.models.generation import GenerationConfig, process_logits
+
+    gconfig = GenerationConfig(max_new_tokens=4, **gen)
+    assert logprobs_are_exact(gconfig) == exact
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    sampled = torch.log_softmax(process_logits(logits, gconfig), -1)
+    plain = torch.log_softmax(logits / logprob_temperature(gen), -1)
+    if exact:
+        torch.testing.assert_close(sampled, plain)
+    elif not gconfig.min_new_tokens:
+        assert not torch.allclose(sampled, plain)
 
 
 def ppo_train_batch(tokenizer, actor, iface, out, scores):
@@ -198,3 +238,77 @@ def test_score_processing_arguments(changes, expected):
     # Zero values, zero KL, gamma = lambda = 1: every answer position's return is the score.
     assert batch.returns_T1.view(2, 4)[:, 1:].tolist() == [[e] * 3 for e in expected]
     assert batch.stats["reward/mean"] == 2.0
+
+
+# Known categorical distributions of the answer tokens: pi samples them, ref scores them.
+PI = [0.6, 0.25, 0.1, 0.05]
+REF = [0.25, 0.25, 0.25, 0.25]
+PROMPT_REF_LOGP = -1.7  # ref log-prob on prompt positions: must stay out of the KL
+
+
+def kl_batch(n_seqs: int, seed: int = 0):
+    """`n_seqs` sequences (prompt 3 tokens, answer 1..6 tokens drawn from PI) with the keys
+    PPOReturns reads, and per sequence the answer tokens' (log pi, log ref) as Python floats."""
+    g = torch.Generator().manual_seed(seed)
+    pi, ref = torch.tensor(PI).log(), torch.tensor(REF).log()
+    seqs = {k: [] for k in ("packed_input_ids", "prompt_mask", "logprobs", "ref_logprobs")}
+    pairs = []
+    for _ in range(n_seqs):
+        n_answer = int(torch.randint(1, 7, (), generator=g))
+        x = torch.multinomial(torch.tensor(PI), n_answer, replacement=True, generator=g)
+        seqs["packed_input_ids"].append(torch.cat([torch.tensor([7, 8, 9]), x]))
+        seqs["prompt_mask"].append(torch.tensor([True] * 3 + [False] * n_answer))
+        seqs["logprobs"].append(torch.cat([torch.zeros(2), pi[x]]))
+        seqs["ref_logprobs"].append(torch.cat([torch.full((2,), PROMPT_REF_LOGP), ref[x]]))
+        pairs.append([(float(pi[t]), float(ref[t])) for t in x])
+    n = n_seqs
+    seqs["values"] = [torch.zeros(len(ids)) for ids in seqs["packed_input_ids"]]
+    seqs["rewards"] = [torch.tensor([1.0])] * n
+    seqs["no_eos_mask"] = [torch.tensor([False])] * n
+    return SequenceSample.from_sequences(list(range(n)), seqs), pairs
+
+
+def test_kl_stat_and_kl_rewards_are_kl_pi_to_ref():
+    """PPO's `kl` stat is the mean over sequences of sum_t (log pi - log ref) over answer tokens:
+    a sample estimate of the sequence KL(pi || ref) (positive), and each sequence's KL reward
+    is -kl_coef times its own term."""
+    from realflow.interfaces.ppo import PPOArgs, PPOReturns
+
+    data, pairs = kl_batch(512)
+    coef = 0.05
+    batch = PPOReturns(PPOArgs(kl_ctl=coef, max_reward_clip=10.0)).compute(data)
+    kl_B = [sum(lp - rp for lp, rp in seq) for seq in pairs]
+    want = sum(kl_B) / len(kl_B)
+    assert batch.stats["kl"] == pytest.approx(want, rel=1e-5)
+    assert batch.stats["kl_reward/mean"] == pytest.approx(-coef * want, rel=1e-5)
+    # Against the exact KL: E[kl_B] = E[answer length] * KL(PI || REF) = 3.5 * KL.
+    exact = sum(p * math.log(p / q) for p, q in zip(PI, REF))
+    se = torch.tensor(kl_B).std().item() / math.sqrt(len(kl_B))
+    assert abs(want - 3.5 * exact) < 5 * se and want > 0
+    # gamma = lambda = 1, zero values: the return at the first answer position is the whole
+    # sequence's reward, score 1 plus the KL rewards.
+    first = data.cu_seqlens("packed_input_ids")[:-1] - torch.arange(len(pairs)) + 2
+    got = batch.returns_T1[first.long()]
+    torch.testing.assert_close(got, torch.tensor([1.0 - coef * k for k in kl_B]))
+
+
+@pytest.mark.parametrize("target_over_kl", [0.5, 0.95, 1.05, 2.0])
+def test_adaptive_kl_coef_follows_the_observed_kl(target_over_kl):
+    """The controller sees the batch's KL(pi || ref): it grows the coefficient when that KL is
+    above the target and shrinks it when below, by Ziegler et al.'s formula."""
+    from realflow.interfaces.ppo import PPOArgs, PPOReturns
+
+    data, pairs = kl_batch(64, seed=1)
+    kl = sum(sum(lp - rp for lp, rp in seq) for seq in pairs) / len(pairs)
+    assert kl > 0
+    args = PPOArgs(
+        kl_ctl=0.1, adaptive_kl_ctl=True, adaptive_kl_target=target_over_kl * kl,
+        adaptive_kl_horizon=500.0,
+    )  # fmt: skip
+    returns = PPOReturns(args)
+    stats = returns.compute(data).stats
+    assert stats["kl_coef"] == 0.1  # the coefficient this batch's rewards used
+    err = min(max(1 / target_over_kl - 1, -0.2), 0.2)
+    want = 0.1 * (1 + err * len(pairs) / 500.0)
+    assert returns.kl_ctl.value == pytest.approx(want, rel=1e-5)
+    assert (returns.kl_ctl.value > 0.1) == (target_over_kl < 1)

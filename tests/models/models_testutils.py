@@ -3,7 +3,13 @@ tokenizer, all created locally (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from realflow.models.generation import GenerationConfig
 
 VOCAB = 101
 PAD, BOS, EOS = 0, 1, 2
@@ -121,3 +127,29 @@ def unpad(x_BL: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """Packed (T, ...) rows of a right-padded (B, L, ...) tensor."""
     lens = (cu[1:] - cu[:-1]).tolist()
     return torch.cat([x_BL[b, :n] for b, n in enumerate(lens)])
+
+
+def reference_logprobs(logits: list[float], g: GenerationConfig) -> dict[int, float]:
+    """token -> log-prob under the documented sampling distribution of one row of logits
+    (plain Python, float64; tokens left out are not allowed). The tests' reference for
+    realflow.models.generation.process_logits.
+
+    Greedy: the plain softmax. Otherwise logits / temperature; top_k keeps every token whose
+    logit is >= the k-th largest; top_p then keeps every token whose renormalised probability
+    mass of *strictly more probable* tokens is < top_p."""
+    if g.greedy:
+        z = list(logits)
+    else:
+        z = [x / g.temperature for x in logits]
+    allowed = [i for i in range(len(z)) if z[i] > -math.inf]
+    if not g.greedy and 0 < g.top_k < len(z):
+        kth = sorted(z, reverse=True)[g.top_k - 1]
+        allowed = [i for i in allowed if z[i] >= kth]
+    if not g.greedy and g.top_p < 1.0:
+        top = max(z[i] for i in allowed)
+        w = {i: math.exp(z[i] - top) for i in allowed}
+        total = sum(w.values())
+        allowed = [i for i in allowed if sum(w[j] for j in w if z[j] > z[i]) / total < g.top_p]
+    top = max(z[i] for i in allowed)
+    log_norm = top + math.log(sum(math.exp(z[i] - top) for i in allowed))
+    return {i: z[i] - log_norm for i in allowed}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from models_testutils import EOS, HF_CASES, hf_model, random_packed
+from models_testutils import EOS, HF_CASES, hf_model, random_packed, reference_logprobs
 
 from realflow.models.builtin import builtin_config
-from realflow.models.generation import GenerationConfig, generate, process_logits
+from realflow.models.generation import GenerationConfig, generate
 from realflow.models.hf_io import load_hf
 from realflow.models.transformer import PackedTransformer
 
@@ -70,33 +72,52 @@ def test_min_new_tokens_equals_hf(hf_dirs):
     assert all(len(a) >= 5 for a in answers)
 
 
-def _recomputed_logprobs(model, ids, cu, out, gconfig):
-    """Log-probs of the generated tokens from one packed forward over prompt + answer."""
+def _reference_answer_logprobs(model, ids, cu, out, gconfig, stop_ids):
+    """Per answer token, its log-prob under the reference sampling distribution of the logits
+    of one packed forward over prompt + answer (stop tokens masked for min_new_tokens); every
+    drawn token must be allowed there."""
     full_ids, full_cu, prompt_mask = out.with_prompts(ids, cu)
     with torch.no_grad():
-        logits = model(full_ids, full_cu)
-    logp = torch.log_softmax(process_logits(logits, gconfig), -1)
-    # Token t is predicted by position t-1; keep answer positions only.
-    pred = logp[:-1].gather(-1, full_ids[1:, None]).squeeze(-1)
-    return pred[~prompt_mask[1:]]
+        logits = model(full_ids, full_cu).double()
+    want = []
+    for b in range(len(full_cu) - 1):
+        n_prompt = int(prompt_mask[full_cu[b] : full_cu[b + 1]].sum())
+        for j, pos in enumerate(range(int(full_cu[b]) + n_prompt, int(full_cu[b + 1]))):
+            row = logits[pos - 1].tolist()  # token at pos is predicted by position pos - 1
+            if j < gconfig.min_new_tokens:
+                for s in stop_ids:
+                    row[s] = -math.inf
+            allowed = reference_logprobs(row, gconfig)
+            token = int(full_ids[pos])
+            assert token in allowed, (b, j, token, sorted(allowed))
+            want.append(allowed[token])
+    return torch.tensor(want, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(
     "gconfig",
     [
         GenerationConfig(max_new_tokens=10, greedy=True),
+        GenerationConfig(max_new_tokens=10, temperature=0.7),
         GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9),
         GenerationConfig(max_new_tokens=10, temperature=1.3, top_p=0.5),
+        GenerationConfig(max_new_tokens=10, top_k=3),
+        GenerationConfig(
+            max_new_tokens=10, min_new_tokens=4, top_p=0.8, eos_token_ids=[3], stop_token_ids=[5]
+        ),
     ],
-    ids=["greedy", "temp-topk-topp", "topp"],
+    ids=["greedy", "temp", "temp-topk-topp", "topp", "topk", "topp-min-new"],
 )
 def test_logprobs_are_those_of_the_sampled_distribution(gconfig):
+    """GenerationOutput.logprobs_T is the log-prob of each token under the distribution it was
+    drawn from (temperature, top-k, top-p as documented; the plain softmax when greedy)."""
     torch.manual_seed(0)
     model = PackedTransformer(builtin_config("tiny-qwen2", vocab_size=64, initializer_range=0.2))
     ids, cu = random_packed(PROMPT_LENS, seed=13)
     ids = ids % 64
     out = generate(model, ids, cu, gconfig, generator=torch.Generator().manual_seed(0))
-    want = _recomputed_logprobs(model, ids, cu, out, gconfig)
+    stop = [*(gconfig.eos_token_ids or model.config.eos_token_ids), *gconfig.stop_token_ids]
+    want = _reference_answer_logprobs(model, ids, cu, out, gconfig, stop)
     assert out.logprobs_T.shape == out.output_ids_T.shape
     assert torch.isfinite(out.logprobs_T).all()
     assert (out.logprobs_T - want).abs().max() < 1e-4
