@@ -50,7 +50,7 @@ class StepState:
     done: set[str] = dataclasses.field(default_factory=set)
     running: set[str] = dataclasses.field(default_factory=set)
     stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    start: float = dataclasses.field(default_factory=time.time)
+    end: float = 0.0  # wall time (time.time()) its last MFC ended, as the worker reported it
 
 
 @dataclasses.dataclass
@@ -118,10 +118,18 @@ class Master:
         """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
         flight after every step for which `save_after(step)` holds. When `stop()` turns true, no
         new step starts: the steps in flight finish and the run ends after the last of them
-        (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none)."""
+        (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none).
+
+        `on_step_end(step, stats, step_s)`: `step_s` is the step period, the wall time from the
+        end of the previous step (or from this call, for the first step) to the end of this
+        one, where a step ends when its last MFC ends (the `end` the worker reports, as in
+        trace.json). Two steps are in flight at once, so this is the period, not the latency
+        from fetching the batch (about twice as long); a checkpoint written between two steps
+        counts in the later one."""
         self.last_step = last_step
         self.stopped = False
         next_fetch = first_step
+        last_end = time.time()
         while True:
             self._observe_stop(stop, next_fetch)
             finished = [s for s in sorted(self.steps) if len(self.steps[s].done) == len(self.mfcs)]
@@ -129,7 +137,8 @@ class Master:
                 state = self.steps.pop(s)
                 self._free(state, sorted(state.holders))
                 self._flush_frees()
-                on_step_end(s, state.stats, time.time() - state.start)
+                on_step_end(s, state.stats, max(0.0, state.end - last_end))
+                last_end = max(last_end, state.end)
                 if save_after(s):
                     self._drain()
                     save(s)
@@ -292,6 +301,7 @@ class Master:
             state.running.discard(mfc.name)
             state.done.add(mfc.name)
             state.stats[mfc.name] = result.stats
+            state.end = max(state.end, result.end)
             if result.meta is not None:
                 for key in result.meta.keys:
                     self._add_key(state, key, result.meta.select([key]), call.worker)

@@ -25,7 +25,10 @@ PROGRESS_LOG_EVERY_S = 30.0
 def flatten_step(
     step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
 ) -> dict[str, Any]:
-    """One metrics row: `{mfc}/{stat}` for every MFC, and the first train MFC's stats unprefixed."""
+    """One metrics row: `{mfc}/{stat}` for every MFC, and the first train MFC's stats unprefixed.
+
+    `time/step_s` is the step period: the wall time between the end of the previous step and
+    the end of this one (see `Master.run`); each call's own time is in trace.json."""
     row: dict[str, Any] = {"step": step, "time/step_s": round(step_s, 6)}
     for name in order:
         for key, value in stats.get(name, {}).items():
@@ -108,6 +111,7 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, step)
         self.n_written += 1
         shown = {k: f"{row[k]:.4g}" for k in KEY_METRICS if isinstance(row.get(k), (int, float))}
+        shown["step_s"] = f"{step_s:.3g}"
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)

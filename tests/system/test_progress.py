@@ -49,7 +49,7 @@ def test_not_a_tty_draws_no_bar_and_logs_a_line_every_30_s(tmp_path, caplog, cap
     assert [line.split(":")[0] for line in lines] == [
         "steps 1/10", "steps 4/10", "steps 7/10", "steps 10/10"
     ]  # fmt: skip
-    assert lines[0] == "steps 1/10: reward/mean=0.25 loss=0.5"
+    assert lines[0] == "steps 1/10: reward/mean=0.25 loss=0.5 step_s=10"
 
 
 def test_a_terminal_gets_the_bar(tmp_path, caplog):
@@ -60,7 +60,7 @@ def test_a_terminal_gets_the_bar(tmp_path, caplog):
             writer.write(step, STATS, 0.1, ["actor_train"])
         writer.close()
     out = term.getvalue()
-    assert "\r" in out and "3/3" in out and "loss=0.5" in out
+    assert "\r" in out and "3/3" in out and "loss=0.5" in out and "step_s=0.1" in out
     assert not [r for r in caplog.records if r.name == "realflow.system.observe"]
 
 
