@@ -271,14 +271,6 @@ def stop_token_ids(model: Model) -> list[int]:
     return sorted(ids)
 
 
-def logprobs_are_exact(gconfig: Any) -> bool:
-    """Whether generation log-probs equal `log_softmax(logits / temperature)` (no top-k, top-p or
-    min_new_tokens filter changed the distribution the tokens were drawn from)."""
-    if gconfig.min_new_tokens > 0:
-        return False
-    return gconfig.greedy or (gconfig.top_k == 0 and gconfig.top_p >= 1.0)
-
-
 def rollout(
     model: Model,
     data: SequenceSample,
@@ -291,11 +283,18 @@ def rollout(
 
     Sample i of the result holds the answers to its prompts (n_per_prompt per prompt, in order)
     under packed_input_ids (prompt + answer), prompt_mask, logprobs (L-1: 0 on prompt positions,
-    then the log-prob of each answer token under `log_softmax(logits / temperature)`) and
-    no_eos_mask (1 per sequence). Metadata are kept.
+    then the log-prob of each answer token under `log_softmax(logits / temperature)`, whatever
+    top-k / top-p / min_new_tokens did to the sampling distribution: generation records them in
+    the same decode step, so they equal a forward pass over the answers) and no_eos_mask (1 per
+    sequence). Metadata are kept. `temperature` must be the generation's (1 when greedy).
     """
-    from realflow.models.generation import generate
+    from realflow.models.generation import generate, plain_temperature
 
+    if temperature != plain_temperature(gconfig):
+        raise ValueError(
+            f"rollout log-prob temperature ({temperature}) must be the generation's "
+            f"({plain_temperature(gconfig)}: 1 when greedy)"
+        )
     engine = engine_of(model, "generate")
     gconfig = dataclasses.replace(gconfig, eos_token_ids=stop_token_ids(model))
     seqs: dict[str, list[list[torch.Tensor]]] = {
@@ -313,7 +312,7 @@ def rollout(
             lambda _m, i=ids_T, c=cu_B1: generate(engine.module, i, c, gconfig, model.rng)
         )
         answers = out.output_ids_T.split(out.output_lens_B.tolist())
-        logps = out.logprobs_T.split(out.output_lens_B.tolist())
+        logps = out.plain_logprobs_T.split(out.output_lens_B.tolist())
         per_sample = [len(lens) * n_per_prompt for lens in mb.seqlens["packed_prompts"]]
         start = 0
         for n in per_sample:
@@ -330,13 +329,6 @@ def rollout(
     out_device = data.data["packed_prompts"].device
     result = SequenceSample.from_sequences(data.ids, seqs, metadata=dict(data.metadata))
     result.data = {k: v.to(out_device) for k, v in result.data.items()}
-    if not logprobs_are_exact(gconfig):
-        # The sampling distribution was filtered (top-k/top-p/min_new_tokens): store the
-        # unfiltered log-probs that training computes, so the importance ratio starts at 1.
-        fn = lambda m, mb, dev: token_logprobs(m, mb, dev, temperature)  # noqa: E731
-        logp = map_micro_batches(model, result, mb_spec, fn, "generate")
-        mask = answer_mask_T1(result.data["prompt_mask"], result.cu_seqlens(IDS, device=out_device))
-        result.data["logprobs"] = logp * mask
     return result
 
 

@@ -68,7 +68,12 @@ class GenerationOutput:
     - `output_ids_T`: new tokens (EOS / stop token included), sequences concatenated.
     - `output_cu_seqlens_B1` (int32, B+1) and `output_lens_B`: where each sequence's tokens are.
     - `logprobs_T` (float32): log-probability of each token under the distribution it was drawn
-      from (after temperature / top-k / top-p; the plain softmax when greedy).
+      from (after temperature / top-k / top-p / the min_new_tokens stop mask; the plain softmax
+      when greedy).
+    - `plain_logprobs_T` (float32): log-probability of each token under the unfiltered
+      `log_softmax(logits / temperature)` (temperature 1 when greedy), the one a forward pass
+      over the finished sequence gives (what PPO / GRPO train on). Equal to `logprobs_T` when
+      no filter applies; computed in the same decode step, never by a second pass.
     - `no_eos_mask_B` (bool): True where the sequence stopped at max_new_tokens without EOS or a
       stop token.
     """
@@ -78,6 +83,7 @@ class GenerationOutput:
     output_lens_B: torch.Tensor
     logprobs_T: torch.Tensor
     no_eos_mask_B: torch.Tensor
+    plain_logprobs_T: torch.Tensor
 
     def with_prompts(self, prompt_ids_T: torch.Tensor, prompt_cu_seqlens_B1: torch.Tensor):
         """(ids_T, cu_seqlens_B1, prompt_mask_T): prompts and answers packed per sequence."""
@@ -134,6 +140,20 @@ def sample_tokens(
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
+def plain_temperature(gconfig: GenerationConfig) -> float:
+    """The temperature of the unfiltered distribution (1 when greedy)."""
+    return 1.0 if gconfig.greedy else gconfig.temperature
+
+
+def plain_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, temperature: float):
+    """`log_softmax(logits / temperature)` at `tokens_B` (fp32), computed as
+    `realflow.algorithms.gather_packed_logprobs` does."""
+    x = logits_BV.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return x.gather(-1, tokens_B[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+
+
 @torch.no_grad()
 def generate(
     model: PackedTransformer,
@@ -166,7 +186,7 @@ def generate(
     model.eval()
     try:
         with model.autocast():
-            tokens_BN, logprobs_BN, lens_B, stopped_B = _decode_loop(
+            tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B = _decode_loop(
                 model, input_ids_T, seqs, cache, gconfig, stop_ids, generator
             )
     finally:
@@ -180,6 +200,7 @@ def generate(
         output_lens_B=lens_B,
         logprobs_T=logprobs_BN[keep_BN],
         no_eos_mask_B=~stopped_B,
+        plain_logprobs_T=plain_BN[keep_BN],
     )
 
 
@@ -192,12 +213,15 @@ def _cache_dtype(model: PackedTransformer) -> torch.dtype:
 def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
     """Prefill, then one batched step per new token over the active rows only.
 
-    Returns tokens_BN, logprobs_BN (N = max_new_tokens, valid up to lens_B), lens_B, stopped_B.
+    Returns tokens_BN, logprobs_BN, plain_logprobs_BN (N = max_new_tokens, valid up to lens_B),
+    lens_B, stopped_B.
     """
     device = input_ids_T.device
     b, n_new = len(seqs.seqlens), gconfig.max_new_tokens
     tokens_BN = torch.zeros(b, n_new, dtype=torch.long, device=device)
     logprobs_BN = torch.zeros(b, n_new, dtype=torch.float32, device=device)
+    plain_BN = logprobs_BN.clone()
+    plain_t = plain_temperature(gconfig)
     lens_B = torch.zeros(b, dtype=torch.long, device=device)
     stopped_B = torch.zeros(b, dtype=torch.bool, device=device)
 
@@ -208,11 +232,12 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
     active_B = torch.arange(b, device=device)  # original index of each active row
     step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
     for step in range(n_new):
-        if step < gconfig.min_new_tokens and stop_ids.numel():
-            logits_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
-        tok_B, logp_B = sample_tokens(logits_BV, gconfig, generator)
+        masked = step < gconfig.min_new_tokens and stop_ids.numel() > 0
+        draw_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf")) if masked else logits_BV
+        tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator)
         tokens_BN[active_B, step] = tok_B
         logprobs_BN[active_B, step] = logp_B
+        plain_BN[active_B, step] = plain_logprobs(logits_BV, tok_B, plain_t)
         lens_B[active_B] += 1
         is_stop_B = torch.isin(tok_B, stop_ids)
         stopped_B[active_B] = is_stop_B
@@ -231,4 +256,4 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
         h_BD = model.hidden_states(tok_B, step_seqs, positions_B, cache=cache)
         cache.end_decode_step()
         logits_BV = model.lm_head(h_BD)
-    return tokens_BN, logprobs_BN, lens_B, stopped_B
+    return tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B

@@ -90,38 +90,6 @@ def test_generate_with_top_k_stores_unfiltered_logprobs(tokenizer):
     assert all(int(n.sum()) >= 2 for n in n_answer)  # min_new_tokens
 
 
-@pytest.mark.parametrize(
-    "gen,exact",
-    [
-        (dict(), True),
-        (dict(temperature=0.6), True),
-        (dict(greedy=True, temperature=0.6, top_k=3, top_p=0.5), True),
-        (dict(top_k=5), False),
-        (dict(top_p=0.9), False),
-        (dict(temperature=0.6, top_k=5, top_p=0.9), False),
-        (dict(min_new_tokens=2), False),
-    ],
-)
-def test_logprobs_are_exact_iff_sampling_is_the_plain_tempered_softmax(gen, exact):
-    """The rollout keeps generation log-probs only when logprobs_are_exact: then the sampling
-    distribution (process_logits, tested against a reference in tests/models) must be
-    log_softmax(logits / temperature) at the temperature training uses; top-k / top-p
-    filters (and min_new_tokens, which masks stop tokens) change it."""
-    from realflow.interfaces.common import logprobs_are_exact
-    from realflow.interfaces.ppo import logprob_temperature
-    from realflow.models.generation import GenerationConfig, process_logits
-
-    gconfig = GenerationConfig(max_new_tokens=4, **gen)
-    assert logprobs_are_exact(gconfig) == exact
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
-    sampled = torch.log_softmax(process_logits(logits, gconfig), -1)
-    plain = torch.log_softmax(logits / logprob_temperature(gen), -1)
-    if exact:
-        torch.testing.assert_close(sampled, plain)
-    elif not gconfig.min_new_tokens:
-        assert not torch.allclose(sampled, plain)
-
-
 def ppo_train_batch(tokenizer, actor, iface, out, scores):
     """The train inputs of an iteration: the rollout plus ref logprobs, values and rewards."""
     ref = inference_model(tokenizer, seed=1)
