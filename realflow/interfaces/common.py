@@ -301,15 +301,14 @@ def rollout(
         k: [] for k in (IDS, "prompt_mask", "logprobs", "no_eos_mask")
     }
     for mb in split_micro_batches(data, mb_spec):
-        prompts = [
-            p
-            for p in mb.data["packed_prompts"].split(mb.flat_seqlens("packed_prompts"))
-            for _ in range(n_per_prompt)
-        ]
-        ids_T = torch.cat(prompts).to(engine.device)
-        cu_B1 = cu_seqlens_from(prompts, engine.device)
+        unique = mb.data["packed_prompts"].split(mb.flat_seqlens("packed_prompts"))
+        prompts = [p for p in unique for _ in range(n_per_prompt)]
+        ids_T = mb.data["packed_prompts"].to(engine.device)
+        cu_B1 = cu_seqlens_from(unique, engine.device)
         out = engine.forward_no_grad(
-            lambda _m, i=ids_T, c=cu_B1: generate(engine.module, i, c, gconfig, model.rng)
+            lambda _m, i=ids_T, c=cu_B1: generate(
+                engine.module, i, c, gconfig, model.rng, n_per_prompt
+            )
         )
         answers = out.output_ids_T.split(out.output_lens_B.tolist())
         logps = out.plain_logprobs_T.split(out.output_lens_B.tolist())

@@ -86,10 +86,13 @@ class GenerationOutput:
     plain_logprobs_T: torch.Tensor
 
     def with_prompts(self, prompt_ids_T: torch.Tensor, prompt_cu_seqlens_B1: torch.Tensor):
-        """(ids_T, cu_seqlens_B1, prompt_mask_T): prompts and answers packed per sequence."""
+        """(ids_T, cu_seqlens_B1, prompt_mask_T): prompts and answers packed per sequence (the
+        prompts given to `generate`; each one's n_per_prompt answers follow one another)."""
         ids, mask, lens = [], [], []
+        n_per_prompt = self.output_lens_B.numel() // (prompt_cu_seqlens_B1.numel() - 1)
         for b in range(self.output_lens_B.numel()):
-            p = prompt_ids_T[prompt_cu_seqlens_B1[b] : prompt_cu_seqlens_B1[b + 1]]
+            i = b // n_per_prompt
+            p = prompt_ids_T[prompt_cu_seqlens_B1[i] : prompt_cu_seqlens_B1[i + 1]]
             a = self.output_ids_T[self.output_cu_seqlens_B1[b] : self.output_cu_seqlens_B1[b + 1]]
             ids += [p, a.to(p.device)]
             mask += [torch.ones_like(p, dtype=torch.bool), torch.zeros_like(a, dtype=torch.bool)]
@@ -161,10 +164,17 @@ def generate(
     cu_seqlens_B1: torch.Tensor,
     gconfig: GenerationConfig,
     generator: torch.Generator | None = None,
+    n_per_prompt: int = 1,
 ) -> GenerationOutput:
-    """Continue every packed prompt; see the module docstring. Deterministic under `generator`."""
+    """Continue every packed prompt `n_per_prompt` times (outputs in order: prompt 0's answers,
+    then prompt 1's...); see the module docstring. Deterministic under `generator`.
+
+    A prompt's answers share one prefill: its keys/values are computed once and copied to each
+    answer's cache row, which gives the same numbers as prefilling every copy."""
     if model.head != "lm":
         raise ValueError(f"generate needs a model with head 'lm', got {model.head!r}")
+    if n_per_prompt < 1:
+        raise ValueError(f"n_per_prompt ({n_per_prompt}) must be >= 1")
     cfg = model.config
     seqs = check_packed(input_ids_T, cu_seqlens_B1, cfg)
     max_len = seqs.max_seqlen + gconfig.max_new_tokens
@@ -178,7 +188,7 @@ def generate(
     stop_ids = torch.tensor(
         sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long
     )
-    b = len(seqs.seqlens)
+    b = len(seqs.seqlens) * n_per_prompt
     cache = KVCache(
         cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device
     )
@@ -187,7 +197,7 @@ def generate(
     try:
         with model.autocast():
             tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B = _decode_loop(
-                model, input_ids_T, seqs, cache, gconfig, stop_ids, generator
+                model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, n_per_prompt
             )
     finally:
         model.train(was_training)
@@ -210,14 +220,14 @@ def _cache_dtype(model: PackedTransformer) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
-def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
+def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, n_per_prompt):
     """Prefill, then one batched step per new token over the active rows only.
 
     Returns tokens_BN, logprobs_BN, plain_logprobs_BN (N = max_new_tokens, valid up to lens_B),
     lens_B, stopped_B.
     """
     device = input_ids_T.device
-    b, n_new = len(seqs.seqlens), gconfig.max_new_tokens
+    b, n_new = len(seqs.seqlens) * n_per_prompt, gconfig.max_new_tokens
     tokens_BN = torch.zeros(b, n_new, dtype=torch.long, device=device)
     logprobs_BN = torch.zeros(b, n_new, dtype=torch.float32, device=device)
     plain_BN = logprobs_BN.clone()
@@ -226,9 +236,12 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
     stopped_B = torch.zeros(b, dtype=torch.bool, device=device)
 
     positions_T = seqs.position_ids_T()
-    cache.start_prefill(seqs, positions_T)
+    cache.start_prefill(seqs, positions_T, n_per_prompt)
     h_TD = model.hidden_states(input_ids_T, seqs, positions_T, cache=cache)
+    cache.share_prefill()
     logits_BV = model.lm_head(h_TD[seqs.cu_seqlens_B1[1:].long() - 1])
+    if n_per_prompt > 1:
+        logits_BV = logits_BV.repeat_interleave(n_per_prompt, dim=0)
     active_B = torch.arange(b, device=device)  # original index of each active row
     step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
     for step in range(n_new):

@@ -37,24 +37,37 @@ class KVCache:
         self.decoding = False
         self._n_kv_heads, self._head_dim = n_kv_heads, head_dim
         self._write_index: torch.Tensor | None = None  # flat slot of each (token, kv head)
+        self._group = 1
         self._mask_B11L: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------ prefill
 
-    def start_prefill(self, seqs: PackedSeqs, position_ids_T: torch.Tensor) -> None:
-        """Prepare to store a packed prompt batch (one row per sequence, B == n_rows)."""
-        if len(seqs.seqlens) != self.n_rows or seqs.max_seqlen > self.max_len:
+    def start_prefill(self, seqs: PackedSeqs, position_ids_T: torch.Tensor, group: int = 1) -> None:
+        """Prepare to store a packed prompt batch: sequence i goes to row i * group (so
+        B * group == n_rows); `share_prefill` then copies it to the group's other rows."""
+        if len(seqs.seqlens) * group != self.n_rows or seqs.max_seqlen > self.max_len:
             raise ValueError(
-                f"prefill of {len(seqs.seqlens)} sequences (longest {seqs.max_seqlen}) does not fit "
-                f"a cache of {self.n_rows} rows x {self.max_len} slots"
+                f"prefill of {len(seqs.seqlens)} sequences x {group} (longest {seqs.max_seqlen}) "
+                f"does not fit a cache of {self.n_rows} rows x {self.max_len} slots"
             )
         device = self.lens_B.device
         lens = torch.tensor(seqs.seqlens, device=device)
-        row_T = torch.repeat_interleave(torch.arange(self.n_rows, device=device), lens)
-        self._write_index = self._flat_index(row_T, position_ids_T)
-        self.lens_B = lens.clone()
+        rows = torch.arange(0, self.n_rows, group, device=device)
+        self._write_index = self._flat_index(torch.repeat_interleave(rows, lens), position_ids_T)
+        self.lens_B = lens.repeat_interleave(group)
         self._max_used = seqs.max_seqlen
+        self._group = group
         self.decoding = False
+
+    def share_prefill(self) -> None:
+        """After a grouped prefill: every row of a group gets its first row's keys/values."""
+        g, used = self._group, self._max_used
+        if g == 1:
+            return
+        b = self.n_rows // g
+        for cache in (self._k, self._v):
+            view = cache[:, :, :, :used].unflatten(1, (b, g))  # (layers, B, g, K, used, D)
+            view[:, :, 1:] = view[:, :, :1]
 
     def _flat_index(self, row_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
         """Row index into a layer's cache viewed as (B * K * L_max, D), for every (n, kv head).

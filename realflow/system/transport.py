@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import functools
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from realflow.api.data import SequenceSample
@@ -92,21 +94,31 @@ class Transport(abc.ABC):
 
 class LocalTransport(Transport):
     """Every worker in this process, each on its own thread: calls on different workers overlap
-    (torch releases the GIL in its kernels); data moves by reference."""
+    (torch releases the GIL in its kernels); data moves by reference.
+
+    Model computation (setup, checkpoints, and every call on a role with weights) runs on
+    compute threads that the transport owns, so that the intra-op threads of all workers
+    together never exceed `torch.get_num_threads()` (the cores, by default); see
+    `ComputeThreads` for the two plans, chosen by `compute_plan`. Calls on weightless roles
+    (rule-based rewards, the `toy` interfaces) run on their worker's own thread.
+    """
 
     # How long shutdown waits for the calls still running on other workers to end.
     join_timeout_s = 30.0
+    # "auto" | "serial" | "partition": see ComputeThreads.
+    compute_plan = "auto"
 
     def start(self, specs: list[WorkerSpec]) -> None:
         self.n_workers = len(specs)
         self.workers = [ModelWorker(spec, self._fetch) for spec in specs]
         self.queues: list[queue.Queue] = [queue.Queue() for _ in specs]
         self.stopping = threading.Event()
+        self.compute = ComputeThreads(self.compute_plan, [_has_weights(s) for s in specs])
         self.threads = [
             # Daemon threads: a call that hangs past its timeout cannot keep the process alive.
             threading.Thread(
                 target=_serve,
-                args=(self.workers[i], q, self.stopping),
+                args=(self.workers[i], q, self.stopping, self.compute.runner(i)),
                 name=f"{THREAD_PREFIX}{i}",
                 daemon=True,
             )
@@ -150,7 +162,8 @@ class LocalTransport(Transport):
         deadline = time.monotonic() + (self.join_timeout_s if wait else 0.0)
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in self.threads if t.is_alive()]
+        self.compute.shutdown(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self.threads + self.compute.threads if t.is_alive()]
         if alive:
             logger.warning(
                 "worker threads still in a call after %gs: %s", self.join_timeout_s, alive
@@ -161,7 +174,12 @@ class LocalTransport(Transport):
 _SETUP_LOCK = threading.Lock()
 
 
-def _serve(worker: ModelWorker, requests: queue.Queue, stopping: threading.Event) -> None:
+def _serve(
+    worker: ModelWorker,
+    requests: queue.Queue,
+    stopping: threading.Event,
+    compute: Callable[[Callable[[], Any]], Any],
+) -> None:
     while True:
         item = requests.get()
         if item is None:
@@ -172,11 +190,108 @@ def _serve(worker: ModelWorker, requests: queue.Queue, stopping: threading.Event
             continue
         if not future.set_running_or_notify_cancel():
             continue
+        call = functools.partial(worker.handle, kind, payload, frees)
         try:
             if kind == Kind.SETUP:
                 with _SETUP_LOCK:
-                    future.set_result(worker.handle(kind, payload, frees))
+                    future.set_result(compute(call))
                 continue
-            future.set_result(worker.handle(kind, payload, frees))
+            if kind in (Kind.SAVE, Kind.LOAD) or (
+                kind == Kind.MFC and worker.call_uses_weights(payload.mfc)
+            ):
+                future.set_result(compute(call))
+                continue
+            future.set_result(call())
         except BaseException as e:  # handed to the master, which stops the run
+            future.set_exception(e)
+
+
+def _has_weights(spec: WorkerSpec) -> bool:
+    roles = spec.config.roles()
+    return any(roles[r].head != "none" for r in spec.roles)
+
+
+class ComputeThreads:
+    """Threads that run the model computation of local workers, with a torch intra-op thread
+    count each, so that all of them together use at most `torch.get_num_threads()` threads.
+
+    Why: each Python thread that calls into torch gets its own OpenMP team. With a team of all
+    cores per worker thread, k busy workers run k x cores threads, and as soon as the teams of
+    all threads outnumber the cores, libgomp stops spinning between parallel regions: every
+    small op (a decode step has hundreds) then pays a futex wake-up. Plans:
+
+    - `serial`: one compute thread with all the threads; model calls of different workers run
+      one after another (they still overlap with weightless calls and with data movement).
+      Measured the better plan on 2 cores (benchmarks/RESULTS.md, peer_trl), where a call
+      running beside another gains nothing: it only halves the cores of both.
+    - `partition`: a compute thread per worker with weights, each with threads // n of them
+      (at least 1): calls of different workers overlap on disjoint shares of the cores.
+    - `auto`: `partition` when every worker with weights gets at least 4 threads, else `serial`.
+    """
+
+    def __init__(self, plan: str, has_weights: list[bool]):
+        import torch
+
+        cores = torch.get_num_threads()
+        n = max(1, sum(has_weights))
+        if plan == "auto":
+            plan = "partition" if cores // n >= 4 else "serial"
+        if plan not in ("serial", "partition"):
+            raise ValueError(f"compute plan {plan!r} unknown; choose auto, serial or partition")
+        self.plan = plan
+        self.threads: list[threading.Thread] = []
+        self._queues: list[queue.Queue] = []
+        self._of_worker: list[int] = []
+        if plan == "serial":
+            self._start(cores)
+            self._of_worker = [0] * len(has_weights)
+        else:
+            for w in has_weights:
+                self._of_worker.append(len(self._queues))
+                self._start(max(1, cores // n) if w else 1)
+        logger.info("local compute plan %s: %s", plan, [t.name for t in self.threads])
+
+    def _start(self, n_threads: int) -> None:
+        q: queue.Queue = queue.Queue()
+        t = threading.Thread(
+            target=_compute_loop,
+            args=(q, n_threads),
+            name=f"{THREAD_PREFIX}-compute{len(self.threads)}-x{n_threads}",
+            daemon=True,
+        )
+        self._queues.append(q)
+        self.threads.append(t)
+        t.start()
+
+    def runner(self, worker: int) -> Callable[[Callable[[], Any]], Any]:
+        """`run(fn)` for worker `worker`: fn() on its compute thread; returns or raises as fn."""
+        q = self._queues[self._of_worker[worker]]
+
+        def run(fn: Callable[[], Any]) -> Any:
+            future: cf.Future = cf.Future()
+            q.put((fn, future))
+            return future.result()
+
+        return run
+
+    def shutdown(self, timeout: float) -> None:
+        for q in self._queues:
+            q.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _compute_loop(jobs: queue.Queue, n_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(n_threads)
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        fn, future = item
+        try:
+            future.set_result(fn())
+        except BaseException as e:
             future.set_exception(e)

@@ -248,6 +248,11 @@ class ModelWorker:
 
     # ---- model function calls ---------------------------------------------------------------
 
+    def call_uses_weights(self, mfc: str) -> bool:
+        """Whether MFC `mfc` runs a model (its role has weights), once set up."""
+        model = self.models.get(self.mfcs[mfc].model_name)
+        return model is not None and model.module is not None
+
     def run_mfc(self, req: MFCRequest) -> MFCResult:
         start = time.time()
         mfc = self.mfcs[req.mfc]

@@ -94,3 +94,22 @@ def test_generation_keeps_both_the_sampled_and_the_plain_logprobs(tokenizer, nam
     ]
     torch.testing.assert_close(out.plain_logprobs_T, want, atol=1e-6, rtol=0)
     assert (out.logprobs_T - want).abs().max() > 1e-3
+
+
+def test_answers_of_one_prompt_share_its_prefill(tokenizer):
+    """generate(prompts, n_per_prompt=3) equals generate(each prompt repeated 3 times): same
+    tokens under the same seed, log-probs within fp32 rounding."""
+    module = make_module(tokenizer).eval()
+    prompts = dataset_batch("prompt", tokenizer, 5)
+    ids, cu = prompts.data["packed_prompts"], prompts.cu_seqlens("packed_prompts")
+    rows = [p for p in ids.split(prompts.flat_seqlens("packed_prompts")) for _ in range(GROUP)]
+    rep_cu = torch.tensor([0, *torch.tensor([len(r) for r in rows]).cumsum(0)], dtype=torch.int32)
+    gconfig = GenerationConfig(**GENS["all"], eos_token_ids=[tokenizer.eos_token_id])
+    shared = generate(module, ids, cu, gconfig, torch.Generator().manual_seed(5), GROUP)
+    each = generate(module, torch.cat(rows), rep_cu, gconfig, torch.Generator().manual_seed(5))
+    assert torch.equal(shared.output_lens_B, each.output_lens_B)
+    assert torch.equal(shared.output_ids_T, each.output_ids_T)
+    assert len(set(shared.output_lens_B.tolist())) > 1  # rows stopped at different steps
+    torch.testing.assert_close(shared.plain_logprobs_T, each.plain_logprobs_T, atol=1e-6, rtol=0)
+    full, full_cu, _ = shared.with_prompts(ids, cu)
+    torch.testing.assert_close(full_cu, each.with_prompts(torch.cat(rows), rep_cu)[1])
