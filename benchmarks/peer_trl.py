@@ -123,8 +123,13 @@ def forward_gflops(seq_lens: list[int]) -> float:
 # ---- child: realflow ----------------------------------------------------------------------------
 
 
-def run_realflow(workload: str, fixtures: str, steps: int, warmup: int, out_dir: str) -> dict:
+def run_realflow(
+    workload: str, fixtures: str, steps: int, warmup: int, out_dir: str, plan: str = "auto"
+) -> dict:
     from realflow.system.runner import run
+    from realflow.system.transport import LocalTransport
+
+    LocalTransport.compute_plan = plan
 
     model = os.path.join(fixtures, "model")
     total = warmup + steps
@@ -258,7 +263,7 @@ def run_trl(workload: str, fixtures: str, steps: int, warmup: int, out_dir: str)
 
 def child_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("side", choices=("realflow", "trl"))
+    p.add_argument("side", help="trl, realflow or realflow:PLAN (a LocalTransport compute plan)")
     p.add_argument("workload", choices=("grpo", "dpo"))
     for name in ("fixtures", "out", "result"):
         p.add_argument(f"--{name}", required=True)
@@ -269,8 +274,11 @@ def child_main(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    fn = run_realflow if a.side == "realflow" else run_trl
-    out = fn(a.workload, a.fixtures, a.steps, a.warmup, a.out)
+    if a.side == "trl":
+        out = run_trl(a.workload, a.fixtures, a.steps, a.warmup, a.out)
+    else:
+        plan = a.side.partition(":")[2] or "auto"
+        out = run_realflow(a.workload, a.fixtures, a.steps, a.warmup, a.out, plan)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(a.result, "w") as f:
         json.dump(out, f)
@@ -337,15 +345,15 @@ def summarise(results: dict, work: dict, peaks: list[float]) -> str:
             f"{tps:.0f} | {rss:.0f} | {split} |"
         )
         ratios.setdefault(workload, {})[side] = med
-        if side == "realflow":
-            goals += _efficiency(workload, phases, work[workload], peak)
+        if side.startswith("realflow"):
+            goals += _efficiency(f"{workload} {side}", phases, work[workload], peak)
     lines.append("")
     target = {"grpo": 1.8, "dpo": 2.5}
     for workload, sides in sorted(ratios.items()):
-        if {"trl", "realflow"} <= set(sides):
-            r = sides["trl"] / sides["realflow"]
+        for side in sorted(s for s in sides if s != "trl" and "trl" in sides):
+            r = sides["trl"] / sides[side]
             met = "met" if r >= target[workload] else "not met"
-            lines.append(f"- {workload}: TRL/realflow = {r:.2f}x (goal >= {target[workload]}x: {met})")
+            lines.append(f"- {workload}: TRL/{side} = {r:.2f}x (goal >= {target[workload]}x: {met})")
     lines += goals
     return "\n".join(lines)
 
@@ -364,7 +372,7 @@ def _efficiency(workload: str, phases: dict, work: dict, peak: float) -> list[st
         if name in goal:
             line += f" (goal >= {goal[name]:.0%}: {'met' if share >= goal[name] else 'not met'})"
         out.append(line)
-    floor = (5 if workload == "grpo" else 4) * fwd / peak
+    floor = (5 if workload.startswith("grpo") else 4) * fwd / peak
     out.append(f"- {workload}: step at 100% of peak would take {floor:.3f} s")
     return out
 
@@ -379,7 +387,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sides", default="trl,realflow")
+    p.add_argument(
+        "--sides",
+        default="trl,realflow",
+        help="comma-separated: trl, realflow, realflow:serial|partition|none (compute plans)",
+    )
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="realflow-peer-trl-")
     fixtures = os.path.join(tmp, "fixtures")
@@ -387,8 +399,8 @@ def main() -> None:
     build_fixtures(fixtures)
     workloads = args.workloads.split(",")
     work = {w: work_per_step(w, fixtures) for w in workloads}
-    pythons = {"trl": args.trl_python, "realflow": sys.executable}
     sides = args.sides.split(",")
+    pythons = {s: args.trl_python if s == "trl" else sys.executable for s in sides}
     results: dict = {}
     peaks = []
     for rnd in range(args.rounds):

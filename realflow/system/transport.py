@@ -227,6 +227,8 @@ class ComputeThreads:
     - `partition`: a compute thread per worker with weights, each with threads // n of them
       (at least 1): calls of different workers overlap on disjoint shares of the cores.
     - `auto`: `partition` when every worker with weights gets at least 4 threads, else `serial`.
+    - `none`: no compute threads, every call on its worker's thread (the behaviour before
+      compute threads; kept to measure against).
     """
 
     def __init__(self, plan: str, has_weights: list[bool]):
@@ -236,12 +238,16 @@ class ComputeThreads:
         n = max(1, sum(has_weights))
         if plan == "auto":
             plan = "partition" if cores // n >= 4 else "serial"
-        if plan not in ("serial", "partition"):
-            raise ValueError(f"compute plan {plan!r} unknown; choose auto, serial or partition")
+        if plan not in ("serial", "partition", "none"):
+            raise ValueError(
+                f"compute plan {plan!r} unknown; choose auto, serial, partition or none"
+            )
         self.plan = plan
         self.threads: list[threading.Thread] = []
         self._queues: list[queue.Queue] = []
         self._of_worker: list[int] = []
+        if plan == "none":
+            return
         if plan == "serial":
             self._start(cores)
             self._of_worker = [0] * len(has_weights)
@@ -265,6 +271,8 @@ class ComputeThreads:
 
     def runner(self, worker: int) -> Callable[[Callable[[], Any]], Any]:
         """`run(fn)` for worker `worker`: fn() on its compute thread; returns or raises as fn."""
+        if self.plan == "none":
+            return lambda fn: fn()
         q = self._queues[self._of_worker[worker]]
 
         def run(fn: Callable[[], Any]) -> Any:
@@ -285,6 +293,9 @@ class ComputeThreads:
 def _compute_loop(jobs: queue.Queue, n_threads: int) -> None:
     import torch
 
+    # A thread's first torch call sets its count from the last set_num_threads of any thread:
+    # take that first, then set this thread's own.
+    torch.get_num_threads()
     torch.set_num_threads(n_threads)
     while True:
         item = jobs.get()
