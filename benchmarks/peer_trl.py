@@ -271,6 +271,8 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     a = p.parse_args(argv)
+    if a.side != "trl":
+        import realflow  # noqa: F401  (before torch: it sets libgomp's spin count)
     import torch
 
     torch.set_num_threads(a.threads)

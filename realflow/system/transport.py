@@ -229,6 +229,10 @@ class ComputeThreads:
     - `auto`: `partition` when every worker with weights gets at least 4 threads, else `serial`.
     - `none`: no compute threads, every call on its worker's thread (the behaviour before
       compute threads; kept to measure against).
+
+    With its team alone on the cores, libgomp would spin ~300000 times at each barrier;
+    importing realflow first sets GOMP_SPINCOUNT=1000 (see realflow/__init__.py), without
+    which a loaded machine makes this thread's decode many times slower.
     """
 
     def __init__(self, plan: str, has_weights: list[bool]):
