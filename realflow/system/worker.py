@@ -69,6 +69,7 @@ class MFCRequest:
     step: int
     ids: list[Any]
     transfers: list[Transfer]
+    round: int = 1  # the round of a sampling loop (see master.py): round r > 1 is seeded apart
 
 
 @dataclasses.dataclass
@@ -260,7 +261,8 @@ class ModelWorker:
         interface = self.interfaces[mfc.name]
         device = getattr(model.module, "device", None) or "cpu"
         model.rng = torch.Generator(device=device)
-        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
+        seed_name = mfc.name if req.round == 1 else f"{mfc.name}#round{req.round}"
+        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, seed_name))
         offload = mfc.model_name in self.offloaded
         if offload:
             model.module.onload()
