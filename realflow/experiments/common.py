@@ -116,6 +116,20 @@ class ExperimentConfig:
     plugins: list[str] = field_(
         [], "Python files or modules imported first (they register things)."
     )
+    metrics: list[str] = field_(
+        ["generation", "scores"],
+        "Metric functions (METRICS) run on every generate/inference call's outputs, logged "
+        "as <mfc>/<stat>: 'generation' (answer lengths, EOS rate), 'scores' (stats of "
+        "per-sequence outputs such as rewards), or your own.",
+    )
+    callbacks: list[str] = field_(
+        [],
+        "Callbacks (CALLBACKS) run in the driver on run events: 'early_stopping', "
+        "'target_metric', or your own; arguments in callback_args.<name>.*.",
+    )
+    callback_args: dict[str, dict[str, Any]] = field_(
+        {}, "Keyword arguments of each callback, e.g. callback_args.target_metric.value=0.6."
+    )
     tensorboard: bool = field_(True, "Write tensorboard events to output_dir.")
     progress_bar: bool = field_(True, "Show a progress bar with the latest metrics.")
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
@@ -178,7 +192,13 @@ class ExperimentConfig:
         )
 
     def validate(self) -> list[str]:
-        problems: list[str] = []
+        from realflow.api.callbacks import callback_problems
+        from realflow.api.registry import METRICS
+
+        problems: list[str] = [
+            f"metrics: {METRICS.miss_message(m)}" for m in self.metrics if m not in METRICS
+        ]
+        problems += callback_problems(list(self.callbacks), dict(self.callback_args))
         if self.overwrite and self.recover_mode != "disabled":
             problems.append(
                 f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "

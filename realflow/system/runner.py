@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from realflow.api.callbacks import CallbackError, CallbackList, RunContext, build_callbacks
 from realflow.api.config import to_dict
 from realflow.api.dfg import DataflowGraph, write_dfg_files
+from realflow.api.registry import absolute_plugin_specs
 from realflow.api.tracebacks import user_frames
 from realflow.experiments.common import ExperimentConfig
 from realflow.system.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
@@ -32,8 +34,9 @@ class RunResult:
     rows: list[dict[str, Any]]
     last_checkpoint: str | None
     last_step: int = 0  # the last step that ran
-    interrupted: bool = False  # a stop request ended the run early
+    interrupted: bool = False  # a stop signal ended the run early
     saved_at_stop: bool = False  # ...and the checkpoint of its last step was written
+    stop_reason: str = ""  # why a callback ended the run early ("": it did not)
 
 
 def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
@@ -155,7 +158,9 @@ def run(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None = None
     turning true ends the run early at a step boundary (RunResult.interrupted).
     """
     output_dir = cfg.output_dir or default_output_dir(name)
-    cfg = dataclasses.replace(cfg, output_dir=output_dir)
+    cfg = dataclasses.replace(
+        cfg, output_dir=output_dir, plugins=absolute_plugin_specs(cfg.plugins)
+    )
     rundir = open_run_dir(output_dir, cfg.recover_mode, cfg.overwrite)
     try:
         return _run_in_dir(name, cfg, stop)
@@ -194,6 +199,8 @@ def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | Non
         )
     except WorkerFailure as e:
         raise RunFailure(f"worker {e.worker}: {e}", e.traceback_text) from (e.cause or e)
+    except CallbackError as e:
+        raise RunFailure(str(e), e.traceback_text) from e
     except RunFailure as e:
         wait = not e.timed_out
         raise
@@ -222,6 +229,10 @@ def _run_with(
     resume_from: str | None,
     stop: Callable[[], bool] | None = None,
 ) -> RunResult:
+    callbacks = CallbackList(
+        build_callbacks(list(cfg.callbacks), dict(cfg.callback_args)),
+        RunContext(name, cfg, cfg.output_dir),
+    )
     specs = worker_specs(cfg, dfg, where)
     transport.start(specs)
     workers = list(range(len(specs)))
@@ -230,60 +241,98 @@ def _run_with(
     if resume_from:
         transport.call_all(workers, Kind.LOAD, resume_from)
     logger.info("%d worker(s) ready in %.1f s: %s", len(specs), time.time() - t0, where)
-
-    names = {w: f"worker {w} ({', '.join(s.roles)})" for w, s in enumerate(specs)}
-    tracer = Tracer(os.path.join(cfg.output_dir, "trace.json"), names)
-    train_order = [m.name for m in dfg.mfcs if m.is_train]
-    metrics = MetricsWriter(
-        cfg.output_dir,
-        cfg.total_steps - first_step + 1,
-        cfg.tensorboard,
-        cfg.progress_bar,
-        train_order,
-    )
-    master = Master(
-        dfg,
-        transport,
-        where,
-        specs[[s.serves_dataset for s in specs].index(True)].index,
-        cfg.mfc_timeout_s,
-        on_call=lambda r: tracer.record(r, dfg.mfc(r.mfc).n_seqs),
-    )
-    last_ckpt = [resume_from]
-
-    def save(step: int) -> None:
-        # Every worker saves (and on resume loads) its state file: interface state and RNG too.
-        start = time.time()
-        last_ckpt[0] = write_checkpoint(
-            cfg.output_dir,
-            step,
-            lambda d: transport.call_all(workers, Kind.SAVE, d),
-            cfg.keep_last_n_checkpoints,
-        )
-        tracer.record_save(step, start, time.time())
-        logger.info("saved %s", last_ckpt[0])
-
-    def save_after(step: int) -> bool:
-        if master.stopped and step == master.last_step:
-            return cfg.save_on_interrupt
-        freq = cfg.save_freq_steps
-        return step == cfg.total_steps or (freq > 0 and step % freq == 0)
-
-    order = [m.name for m in dfg.mfcs]
+    loop = _Loop(cfg, dfg, transport, specs, where, callbacks, resume_from, first_step)
+    callbacks.run_start()
+    signalled = lambda: stop is not None and stop()  # noqa: E731
     try:
-        last_step = master.run(
+        last_step = loop.master.run(
             first_step,
             cfg.total_steps,
-            lambda s, stats, dt: metrics.write(s, stats, dt, order),
-            save_after,
-            save,
-            stop,
+            loop.step_end,
+            loop.save_after,
+            loop.save,
+            lambda: signalled() or callbacks.ctx.stop_requested,
         )
     finally:
-        metrics.close()
-        tracer.write()
-    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, metrics.summary())
-    saved_at_stop = master.stopped and last_step >= first_step and cfg.save_on_interrupt
-    return RunResult(
-        cfg.output_dir, metrics.rows, last_ckpt[0], last_step, master.stopped, saved_at_stop
+        loop.metrics.close()
+        loop.tracer.write()
+    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, loop.metrics.summary())
+    if callbacks.ctx.stop_requested and not signalled():
+        logger.info("stopped after step %d: %s", last_step, callbacks.ctx.stop_reason)
+    interrupted = loop.master.stopped and signalled()
+    result = RunResult(
+        cfg.output_dir,
+        loop.metrics.rows,
+        loop.last_checkpoint,
+        last_step,
+        interrupted,
+        interrupted and last_step >= first_step and cfg.save_on_interrupt,
+        callbacks.ctx.stop_reason,
     )
+    callbacks.run_end(result)
+    return result
+
+
+class _Loop:
+    """What the master calls back into during a run: step ends (metrics, trace, callbacks) and
+    checkpoints."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dfg: DataflowGraph,
+        transport: Transport,
+        specs: list[WorkerSpec],
+        where: dict[str, int],
+        callbacks: CallbackList,
+        resume_from: str | None,
+        first_step: int,
+    ):
+        self.cfg = cfg
+        self.transport = transport
+        self.workers = list(range(len(specs)))
+        self.callbacks = callbacks
+        self.last_checkpoint = resume_from
+        self.order = [m.name for m in dfg.mfcs]
+        names = {w: f"worker {w} ({', '.join(s.roles)})" for w, s in enumerate(specs)}
+        self.tracer = Tracer(os.path.join(cfg.output_dir, "trace.json"), names)
+        self.metrics = MetricsWriter(
+            cfg.output_dir,
+            cfg.total_steps - first_step + 1,
+            cfg.tensorboard,
+            cfg.progress_bar,
+            [m.name for m in dfg.mfcs if m.is_train],
+        )
+        data_worker = specs[[s.serves_dataset for s in specs].index(True)].index
+        self.master = Master(
+            dfg,
+            transport,
+            where,
+            data_worker,
+            cfg.mfc_timeout_s,
+            on_call=lambda r: self.tracer.record(r, dfg.mfc(r.mfc).n_seqs),
+        )
+
+    def step_end(self, step: int, stats: dict[str, dict[str, float]], step_s: float) -> None:
+        row = self.metrics.write(step, stats, step_s, self.order)
+        self.callbacks.step_end(step, row)
+
+    def save_after(self, step: int) -> bool:
+        if self.master.stopped and step == self.master.last_step:
+            # A run a callback ends is saved like any finished run; a signal asks first.
+            return self.cfg.save_on_interrupt or self.callbacks.ctx.stop_requested
+        freq = self.cfg.save_freq_steps
+        return step == self.cfg.total_steps or (freq > 0 and step % freq == 0)
+
+    def save(self, step: int) -> None:
+        # Every worker saves (and on resume loads) its state file: interface state and RNG too.
+        start = time.time()
+        self.last_checkpoint = write_checkpoint(
+            self.cfg.output_dir,
+            step,
+            lambda d: self.transport.call_all(self.workers, Kind.SAVE, d),
+            self.cfg.keep_last_n_checkpoints,
+        )
+        self.tracer.record_save(step, start, time.time())
+        logger.info("saved %s", self.last_checkpoint)
+        self.callbacks.save(step, self.last_checkpoint)

@@ -21,7 +21,7 @@ import torch
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import DATASETS, INTERFACES
+from realflow.api.registry import DATASETS, INTERFACES, METRICS, load_plugins
 from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class ModelWorker:
         }
         self.dp_group = None
         self.offloaded: set[str] = set()
+        self.metric_fns: list[tuple[str, Any]] = []
 
     def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
         """Run one request. `frees` ride along with it: (ids, keys) the master has released
@@ -132,6 +133,8 @@ class ModelWorker:
         from realflow.system.models import build_model
 
         cfg = self.spec.config
+        load_plugins(cfg.plugins)  # a Ray actor is a fresh process: users' registrations too
+        self.metric_fns = [(n, METRICS.get(n)) for n in cfg.metrics]
         roles = cfg.roles()
         if torch.distributed.is_initialized():
             # Every rank creates every group, in the same order (a collective call). Each model
@@ -307,7 +310,23 @@ class ModelWorker:
             )
         out = out.select(mfc.output_keys)
         self._put(out)
-        return {}, out.meta()
+        return self._metrics(mfc, model, data, out), out.meta()
+
+    def _metrics(
+        self, mfc: MFCDef, model: Model, inputs: SequenceSample, out: SequenceSample
+    ) -> dict[str, float]:
+        """The configured metric functions on a call's inputs and outputs together."""
+        if not self.metric_fns:
+            return {}
+        data = inputs.select([k for k in inputs.keys if k not in out.keys])
+        data.update_(out)
+        stats: dict[str, float] = {}
+        for name, fn in self.metric_fns:
+            try:
+                stats.update(fn(mfc, data, model))
+            except Exception as e:
+                raise RuntimeError(f"metric '{name}' failed on MFC '{mfc.name}': {e}") from e
+        return stats
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
