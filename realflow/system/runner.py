@@ -256,13 +256,14 @@ def _run_with(
     finally:
         loop.metrics.close()
         loop.tracer.write()
-    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, loop.metrics.summary())
+    rows = loop.metrics.read_rows()
+    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, loop.metrics.summary(rows))
     if callbacks.ctx.stop_requested and not signalled():
         logger.info("stopped after step %d: %s", last_step, callbacks.ctx.stop_reason)
     interrupted = loop.master.stopped and signalled()
     result = RunResult(
         cfg.output_dir,
-        loop.metrics.rows,
+        rows,
         loop.last_checkpoint,
         last_step,
         interrupted,
