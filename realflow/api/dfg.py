@@ -28,6 +28,7 @@ class InterfaceType(str, enum.Enum):
     GENERATE = "generate"
     INFERENCE = "inference"
     TRAIN_STEP = "train_step"
+    EVALUATE = "evaluate"  # statistics of a batch under the current weights; writes no keys
 
 
 class DFGError(ValueError):

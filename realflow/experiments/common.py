@@ -71,6 +71,19 @@ class DatasetConfig:
 
 
 @dataclasses.dataclass
+class EvalDatasetConfig:
+    """What an evaluation reads."""
+
+    path: str = field_(
+        "",
+        "A JSONL file or a built-in dataset; empty: the eval split of the built-in training "
+        "task (builtin:<task>:eval).",
+    )
+    n_seqs: int = field_(0, "Samples per evaluation batch (0: n_seqs).", ge=0)
+    max_batches: int = field_(0, "Batches per evaluation at most (0: the whole dataset).", ge=0)
+
+
+@dataclasses.dataclass
 class ModelRole:
     """What an experiment needs of one role: its config and the head it carries."""
 
@@ -133,6 +146,19 @@ class ExperimentConfig:
     tensorboard: bool = field_(True, "Write tensorboard events to output_dir.")
     progress_bar: bool = field_(True, "Show a progress bar with the latest metrics.")
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    eval_freq_steps: int = field_(
+        0,
+        "Run the experiment's evaluation graph after every N steps and after the last one, "
+        "logged as eval/<stat> (0: never).",
+        ge=0,
+    )
+    eval_dataset: EvalDatasetConfig = dataclasses.field(default_factory=EvalDatasetConfig)
+    evaluator: str = field_(
+        "",
+        "An interface (INTERFACES) whose evaluate() replaces the evaluation graph's own "
+        "evaluate calls; empty: the experiment's.",
+    )
+    evaluator_args: dict[str, Any] = field_({}, "Keyword arguments of `evaluator`.")
 
     # ---- what subclasses define -------------------------------------------------------------
 
@@ -147,10 +173,51 @@ class ExperimentConfig:
     def mfcs(self) -> list[MFCDef]:
         raise NotImplementedError
 
+    def eval_mfcs(self) -> list[MFCDef]:
+        """The evaluation graph: by default the training graph with every train_step turned
+        into an evaluate call of the same interface (a loss, an accuracy), named
+        `eval_<model>`, and the other calls named `eval_<name>`. RL experiments override it
+        (greedy answers, then their reward)."""
+        out = []
+        for mfc in self.mfcs():
+            if mfc.is_train:
+                name, kind = f"eval_{mfc.model_name}", InterfaceType.EVALUATE
+            else:
+                name, kind = f"eval_{mfc.name}", mfc.interface_type
+            out.append(dataclasses.replace(mfc, name=name, interface_type=kind))
+        return out
+
     # ---- derived ------------------------------------------------------------------------------
 
     def dfg(self) -> DataflowGraph:
         return build_dfg(self.mfcs(), self.dataset_keys)
+
+    def eval_dfg(self) -> DataflowGraph | None:
+        """The evaluation graph (with `evaluator` swapped in), or None when evaluation is off."""
+        if self.eval_freq_steps <= 0:
+            return None
+        mfcs = self.eval_mfcs()
+        if self.evaluator:
+            spec = InterfaceSpec(self.evaluator, dict(self.evaluator_args))
+            mfcs = [
+                dataclasses.replace(m, interface_impl=spec)
+                if m.interface_type == InterfaceType.EVALUATE
+                else m
+                for m in mfcs
+            ]
+        return build_dfg(mfcs, self.dataset_keys)
+
+    def eval_dataset_path(self) -> str:
+        """`eval_dataset.path`, or the eval split of a built-in training task."""
+        if self.eval_dataset.path:
+            return self.eval_dataset.path
+        if self.dataset.path.startswith("builtin:"):
+            task = self.dataset.path[len("builtin:") :].split(":")[0]
+            return f"builtin:{task}:eval"
+        raise ValueError(
+            f"eval_dataset.path: evaluation needs a dataset; dataset.path ({self.dataset.path}) "
+            "is not a built-in task with an eval split, so give eval_dataset.path"
+        )
 
     def divides_n_seqs(self, key: str, n_minibatches: int) -> list[str]:
         """The problem, if any, with a minibatch count that must split the batch evenly."""
@@ -186,6 +253,24 @@ class ExperimentConfig:
             mb_spec=self.mb_spec(role),
         )
 
+    def _eval_problems(self) -> list[str]:
+        if self.eval_freq_steps <= 0:
+            return []
+        problems = []
+        if not self.eval_mfcs():
+            problems.append(
+                f"eval_freq_steps: {type(self).__name__} has no evaluation graph (eval_mfcs)"
+            )
+        if not any(m.interface_type == InterfaceType.EVALUATE for m in self.eval_mfcs()) and (
+            self.evaluator
+        ):
+            problems.append("evaluator: the evaluation graph has no evaluate call to replace")
+        try:
+            self.eval_dataset_path()
+        except ValueError as e:
+            problems.append(str(e))
+        return problems
+
     def mb_spec(self, role: str) -> MicroBatchSpec:
         return MicroBatchSpec(
             n_mbs=1, max_tokens_per_mb=self.roles()[role].config.max_tokens_per_mb
@@ -199,6 +284,7 @@ class ExperimentConfig:
             f"metrics: {METRICS.miss_message(m)}" for m in self.metrics if m not in METRICS
         ]
         problems += callback_problems(list(self.callbacks), dict(self.callback_args))
+        problems += self._eval_problems()
         if self.overwrite and self.recover_mode != "disabled":
             problems.append(
                 f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "

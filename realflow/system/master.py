@@ -74,6 +74,7 @@ class Master:
         data_worker: int,
         mfc_timeout_s: float = 0.0,
         on_call: Callable[[MFCResult], None] | None = None,
+        fetch_payload: Callable[[int], Any] | None = None,
     ):
         self.dfg = dfg
         self.transport = transport
@@ -81,6 +82,8 @@ class Master:
         self.data_worker = data_worker
         self.timeout = mfc_timeout_s or None
         self.on_call = on_call or (lambda r: None)
+        # What FETCH_BATCH of step t asks the data worker for (None: the next training batch).
+        self.fetch_payload = fetch_payload or (lambda step: None)
         self.mfcs = dfg.mfcs
         self.by_name = {m.name: m for m in self.mfcs}
         self.rank = {m.name: i for i, m in enumerate(self.mfcs)}  # dispatch in DFG order
@@ -137,7 +140,8 @@ class Master:
             self._observe_stop(stop, next_fetch)
             if next_fetch <= self.last_step and self._may_fetch(next_fetch, barrier):
                 self.steps[next_fetch] = self._new_step(next_fetch)
-                self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
+                payload = self.fetch_payload(next_fetch)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, payload, next_fetch, None, True)
                 next_fetch += 1
             self._dispatch_ready(barrier)
             if not self.steps and next_fetch > self.last_step:

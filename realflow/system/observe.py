@@ -92,13 +92,20 @@ class MetricsWriter:
         self.last_line_t: float | None = None
 
     def write(
-        self, step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
+        self,
+        step: int,
+        stats: dict[str, dict[str, float]],
+        step_s: float,
+        order: list[str],
+        extra: dict[str, float] | None = None,
     ) -> dict[str, Any]:
+        """Write the row of `step` (`extra`: more keys, e.g. the eval/... stats)."""
         # Train MFCs first, so unprefixed keys come from the trained model's step.
         ordered = [n for n in self.train_order if n in stats] + [
             n for n in order if n not in self.train_order
         ]
         row = flatten_step(step, stats, step_s, ordered)
+        row.update(extra or {})
         if self.first_step is None:
             self.first_step = step
         with open(self.path, "a") as f:

@@ -18,6 +18,7 @@ from realflow.api.registry import absolute_plugin_specs
 from realflow.api.tracebacks import user_frames
 from realflow.experiments.common import ExperimentConfig
 from realflow.system.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
+from realflow.system.evaluation import Evaluation, batch_sizes, setup_info
 from realflow.system.interrupt import Interrupted, StopRequest
 from realflow.system.master import Master, RunFailure
 from realflow.system.observe import MetricsWriter, Tracer, drop_rows_after
@@ -53,11 +54,15 @@ def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
 
 
 def worker_specs(
-    cfg: ExperimentConfig, dfg: DataflowGraph, where: dict[str, int]
+    cfg: ExperimentConfig,
+    dfg: DataflowGraph,
+    where: dict[str, int],
+    eval_dfg: DataflowGraph | None = None,
 ) -> list[WorkerSpec]:
     trained = {m.model_name for m in dfg.mfcs if m.is_train}
     source_role = dfg.mfc(dfg.sources()[0]).model_name
     n_workers = max(where.values()) + 1
+    all_mfcs = dfg.mfcs + (eval_dfg.mfcs if eval_dfg is not None else [])
     specs = []
     for w in range(n_workers):
         roles = [r for r, i in where.items() if i == w]
@@ -67,7 +72,7 @@ def worker_specs(
                 config=cfg,
                 roles=roles,
                 trained_roles=[r for r in roles if r in trained],
-                mfcs=[m for m in dfg.mfcs if where[m.model_name] == w],
+                mfcs=[m for m in all_mfcs if where.get(m.model_name) == w],
                 serves_dataset=where[source_role] == w,
                 total_train_steps=max(1, cfg.total_steps * cfg.optimizer_steps_per_train_call()),
             )
@@ -233,15 +238,23 @@ def _run_with(
         build_callbacks(list(cfg.callbacks), dict(cfg.callback_args)),
         RunContext(name, cfg, cfg.output_dir),
     )
-    specs = worker_specs(cfg, dfg, where)
+    eval_dfg = cfg.eval_dfg()
+    specs = worker_specs(cfg, dfg, where, eval_dfg)
     transport.start(specs)
     workers = list(range(len(specs)))
     t0 = time.time()
-    transport.call_all(workers, Kind.SETUP)
+    info = setup_info(transport.call_all(workers, Kind.SETUP))
     if resume_from:
         transport.call_all(workers, Kind.LOAD, resume_from)
     logger.info("%d worker(s) ready in %.1f s: %s", len(specs), time.time() - t0, where)
     loop = _Loop(cfg, dfg, transport, specs, where, callbacks, resume_from, first_step)
+    if eval_dfg is not None:
+        n = info.get("eval_batches", 0)
+        sizes = batch_sizes(info.get("eval_rows", 0), cfg.eval_dataset.n_seqs or cfg.n_seqs, n)
+        loop.evaluation = Evaluation(
+            eval_dfg, transport, where, loop.master.data_worker, loop.tracer,
+            cfg.eval_freq_steps, cfg.total_steps, n, sizes, cfg.mfc_timeout_s,
+        )  # fmt: skip
     callbacks.run_start()
     signalled = lambda: stop is not None and stop()  # noqa: E731
     try:
@@ -249,8 +262,8 @@ def _run_with(
             first_step,
             cfg.total_steps,
             loop.step_end,
-            loop.save_after,
-            loop.save,
+            loop.barrier_after,
+            loop.at_barrier,
             lambda: signalled() or callbacks.ctx.stop_requested,
         )
     finally:
@@ -294,6 +307,8 @@ class _Loop:
         self.workers = list(range(len(specs)))
         self.callbacks = callbacks
         self.last_checkpoint = resume_from
+        self.evaluation: Evaluation | None = None
+        self.pending_row: tuple[int, dict[str, dict[str, float]], float] | None = None
         self.order = [m.name for m in dfg.mfcs]
         names = {w: f"worker {w} ({', '.join(s.roles)})" for w, s in enumerate(specs)}
         self.tracer = Tracer(os.path.join(cfg.output_dir, "trace.json"), names)
@@ -315,15 +330,41 @@ class _Loop:
         )
 
     def step_end(self, step: int, stats: dict[str, dict[str, float]], step_s: float) -> None:
-        row = self.metrics.write(step, stats, step_s, self.order)
+        if self.evaluation is not None and self.evaluation.due(step):
+            self.pending_row = (step, stats, step_s)  # written after the evaluation
+            return
+        self._write_row(step, stats, step_s, {})
+
+    def _write_row(
+        self,
+        step: int,
+        stats: dict[str, dict[str, float]],
+        step_s: float,
+        eval_stats: dict[str, float],
+    ) -> None:
+        row = self.metrics.write(step, stats, step_s, self.order, eval_stats)
         self.callbacks.step_end(step, row)
 
-    def save_after(self, step: int) -> bool:
+    def barrier_after(self, step: int) -> bool:
+        """Whether to stop at the end of `step` (nothing in flight) to evaluate or save."""
+        return self.save_due(step) or (self.evaluation is not None and self.evaluation.due(step))
+
+    def save_due(self, step: int) -> bool:
         if self.master.stopped and step == self.master.last_step:
             # A run a callback ends is saved like any finished run; a signal asks first.
             return self.cfg.save_on_interrupt or self.callbacks.ctx.stop_requested
         freq = self.cfg.save_freq_steps
         return step == self.cfg.total_steps or (freq > 0 and step % freq == 0)
+
+    def at_barrier(self, step: int) -> None:
+        if self.pending_row is not None and self.pending_row[0] == step:
+            assert self.evaluation is not None
+            eval_stats = self.evaluation.run(step)
+            self.callbacks.evaluate(step, {"step": step, **eval_stats})
+            self._write_row(*self.pending_row, eval_stats)
+            self.pending_row = None
+        if self.save_due(step):
+            self.save(step)
 
     def save(self, step: int) -> None:
         # Every worker saves (and on resume loads) its state file: interface state and RNG too.
