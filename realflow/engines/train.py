@@ -17,6 +17,10 @@ and gradients are averaged over it, so the result is the mean over the global ba
 
 Engines work on any `nn.Module`. Data placement is the caller's: `loss_fn` moves the
 micro-batch to `engine.device`.
+
+Precision (see EngineConfig): a trained module's floating parameters are upcast to fp32 when the
+engine is built (fp32 master weights and optimizer state, whatever dtype they arrived in), and
+`save_dtype` ("auto": the dtype they arrived in) is what the weights are saved as.
 """
 
 from __future__ import annotations
@@ -55,6 +59,33 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's floating parameters (float32 when it has none); a module whose
+    parameters have several floating dtypes is an error."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise EngineError(
+            f"{type(module).__name__} has parameters of several dtypes ({names}); give the "
+            "engine a module whose parameters share one dtype"
+        )
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def upcast_to_fp32(module: nn.Module) -> torch.dtype:
+    """Make the floating parameters fp32 in place (exact from bf16/fp16) and return the dtype
+    they had. Buffers are left as they are."""
+    dtype = parameter_dtype(module)
+    if dtype != torch.float32:
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
+        logger.info(
+            "upcast %s weights from %s to fp32 master weights", type(module).__name__, dtype
+        )
+    return dtype
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -125,6 +156,9 @@ class Backend(Protocol):
     call_module: nn.Module  # what loss_fn and forward_no_grad receive (may wrap `module`)
     device: torch.device
     collective_backward: bool  # whether each backward communicates over the dp group
+    # Whether state_dict() holds the fp32 master weights (deepspeed's ZeRO optimizers); otherwise
+    # the module's own parameters are the masters.
+    masters_in_state: bool
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
 
@@ -138,7 +172,13 @@ class Backend(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def module_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 master weights by module state-dict name (gathered under ZeRO-3)."""
+        ...
+
+    def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the master weights (backends with `masters_in_state` False)."""
+        ...
 
 
 class TorchBackend:
@@ -146,6 +186,7 @@ class TorchBackend:
 
     name = "torch"
     collective_backward = False  # gradients are averaged once, in step()
+    masters_in_state = False
 
     def __init__(
         self,
@@ -202,6 +243,9 @@ class TorchBackend:
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
+    def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(weights)  # copies in place: the optimizer keeps its params
+
 
 # ---- engines -----------------------------------------------------------------------------------
 
@@ -216,12 +260,14 @@ class TrainEngine:
         optim_cfg: OptimizerConfig,
         total_train_steps: int,
         dp_group: Any = None,
+        loaded_dtype: torch.dtype = torch.float32,
     ):
         self.backend = backend
         self.engine_cfg = engine_cfg
         self.optim_cfg = optim_cfg
         self.total_train_steps = total_train_steps
         self.dp_group = dp_group
+        self.loaded_dtype = loaded_dtype  # the dtype the weights arrived in
         self.step = 0
 
     @property
@@ -232,6 +278,18 @@ class TrainEngine:
     @property
     def device(self) -> torch.device:
         return self.backend.device
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype to save the weights in: `engine_cfg.save_dtype`, "auto" being the dtype
+        the weights arrived in."""
+        name = self.engine_cfg.save_dtype
+        return self.loaded_dtype if name == "auto" else getattr(torch, name)
+
+    @property
+    def _state_holds_weights(self) -> bool:
+        """Whether state_dict() must carry the masters: the saved weights cannot restore them."""
+        return self.save_dtype != torch.float32 and not self.backend.masters_in_state
 
     @property
     def lr(self) -> float:
@@ -304,18 +362,21 @@ class TrainEngine:
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state, LR schedule position and step counter, for exact resume.
 
-        The weights are not included: save `module_state_dict()` separately and load them into
-        the module *before* building the engine that resumes. The returned tensors are copies.
-        With deepspeed ZeRO and a dp group of several ranks, this is this rank's partition.
+        Save `module_state_dict()` (in `save_dtype`) separately and load it into the module
+        *before* building the engine that resumes. When `save_dtype` cannot hold the fp32
+        master weights and the optimizer state does not hold them either, they are included
+        here under "weights". The returned tensors are copies. With deepspeed ZeRO and a dp
+        group of several ranks, this is this rank's partition.
         """
-        return clone_state(
-            {
-                "backend": self.engine_cfg.backend,
-                "step": self.step,
-                "total_train_steps": self.total_train_steps,
-                "backend_state": self.backend.state_dict(),
-            }
-        )
+        state = {
+            "backend": self.engine_cfg.backend,
+            "step": self.step,
+            "total_train_steps": self.total_train_steps,
+            "backend_state": self.backend.state_dict(),
+        }
+        if self._state_holds_weights:
+            state["weights"] = self.module_state_dict()
+        return clone_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict()` returned (from an engine with the same config)."""
@@ -330,11 +391,14 @@ class TrainEngine:
                 self.total_train_steps,
                 state["total_train_steps"],
             )
+        if "weights" in state:
+            self.backend.load_module_state_dict(state["weights"])
         self.backend.load_state_dict(clone_state(state["backend_state"]))
         self.step = int(state["step"])
 
     def module_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights of the module (gathered under ZeRO-3), for saving."""
+        """The full fp32 master weights of the module (gathered under ZeRO-3), for saving: cast
+        them to `save_dtype`."""
         return self.backend.module_state_dict()
 
     def offload(self) -> None:
@@ -407,16 +471,18 @@ def build_train_engine(
 ) -> TrainEngine:
     """Build the engine of a trained model.
 
-    `module` holds the initial (or resumed) weights. `dp_group` is the torch.distributed group of
+    `module` holds the initial (or resumed) weights, in any one dtype: they become fp32 masters
+    (see the module docstring) and `save_dtype="auto"` saves them back in it. `dp_group` is the torch.distributed group of
     the ranks that hold replicas of this model (None: the world, when torch.distributed is
     initialised; no data parallelism otherwise).
     """
-    problems = [*engine_cfg.validate(), *optim_cfg.validate()]
+    problems = [*engine_cfg.validate(), *engine_cfg.train_problems(), *optim_cfg.validate()]
     if total_train_steps <= 0:
         problems.append(f"total_train_steps ({total_train_steps}) must be positive")
     if problems:
         raise EngineError("invalid engine config: " + "; ".join(problems))
     n_params = sum(p.numel() for p in module.parameters())
+    loaded_dtype = upcast_to_fp32(module)
     backend: Backend
     if engine_cfg.backend == "torch":
         backend = TorchBackend(module, engine_cfg, optim_cfg, dp_group)
@@ -430,4 +496,4 @@ def build_train_engine(
         type(module).__name__,
         n_params,
     )
-    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group)
+    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group, loaded_dtype)
