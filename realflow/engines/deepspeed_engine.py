@@ -317,6 +317,11 @@ class DeepSpeedBackend:
             raise EngineError(f"deepspeed returned empty (partitioned) weights: {empty}")
         return sd
 
+    def move(self, device: torch.device) -> None:
+        raise EngineError(
+            "offload is not supported with the deepspeed backend (EngineConfig.train_problems)"
+        )
+
     def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         if self.masters_in_state:
             raise EngineError("deepspeed's optimizer state holds the master weights")

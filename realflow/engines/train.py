@@ -21,6 +21,10 @@ micro-batch to `engine.device`.
 Precision (see EngineConfig): a trained module's floating parameters are upcast to fp32 when the
 engine is built (fp32 master weights and optimizer state, whatever dtype they arrived in), and
 `save_dtype` ("auto": the dtype they arrived in) is what the weights are saved as.
+
+Offload (`EngineConfig.offload`, torch backend): `offload()` moves weights, gradients and
+optimizer state to CPU, `onload()` (or the next `train_batch` / `forward_no_grad`) brings them
+back; see realflow/engines/offload.py.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import nn
 
 from realflow.api.data import SequenceSample
 from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.offload import Offloader, move_train_state
 from realflow.engines.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -180,6 +185,10 @@ class Backend(Protocol):
         """Set the master weights (backends with `masters_in_state` False)."""
         ...
 
+    def move(self, device: torch.device) -> None:
+        """Move weights, gradients and optimizer state to `device` (offload)."""
+        ...
+
 
 class TorchBackend:
     """Plain torch: AdamW, `clip_grad_norm_`, bf16 autocast, a manual dp gradient average."""
@@ -246,6 +255,9 @@ class TorchBackend:
     def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(weights)  # copies in place: the optimizer keeps its params
 
+    def move(self, device: torch.device) -> None:
+        move_train_state(self.module, self.optimizer, device)
+
 
 # ---- engines -----------------------------------------------------------------------------------
 
@@ -269,6 +281,9 @@ class TrainEngine:
         self.dp_group = dp_group
         self.loaded_dtype = loaded_dtype  # the dtype the weights arrived in
         self.step = 0
+        self._offloader = Offloader(
+            type(backend.module).__name__, backend.device, engine_cfg.offload, backend.move
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -316,6 +331,7 @@ class TrainEngine:
         total, dp_size, n_passes = self._dp_sync(sum(weights), len(micro_batches))
         if total <= 0:
             raise EngineError(f"loss weights sum to {total} over the dp group; need > 0")
+        self._offloader.onload()
         self.module.train()
         losses, all_stats = [], []
         for i in range(n_passes):
@@ -356,6 +372,7 @@ class TrainEngine:
 
     def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
         """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
+        self._offloader.onload()
         with _eval_mode(self.module), torch.no_grad(), self.backend.autocast():
             return fn(self.backend.call_module)
 
@@ -401,13 +418,19 @@ class TrainEngine:
         them to `save_dtype`."""
         return self.backend.module_state_dict()
 
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader.offloaded
+
     def offload(self) -> None:
-        """Offloading a trained model's weights and optimizer state is not implemented: no-op."""
-        logger.info("offload of a trained model (%s) is a no-op", type(self.module).__name__)
+        """With `engine_cfg.offload`, move the weights, gradients and optimizer state to CPU
+        until the next call (torch backend; on CPU nothing moves, which is logged once)."""
+        self._offloader.offload()
 
     def onload(self) -> None:
-        """Counterpart of `offload`: no-op."""
-        logger.info("onload of a trained model (%s) is a no-op", type(self.module).__name__)
+        """Move what `offload` moved back to `device` (`train_batch` and `forward_no_grad` do
+        it themselves)."""
+        self._offloader.onload()
 
 
 class InferenceEngine:
@@ -421,35 +444,31 @@ class InferenceEngine:
         self.module = module
         self.engine_cfg = engine_cfg
         self.device = module_device(module)
-        self._offloaded = False
+        self._offloader = Offloader(
+            type(module).__name__,
+            self.device,
+            engine_cfg.offload,
+            lambda device: move_train_state(module, None, device),
+        )
+
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader.offloaded
 
     def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
         """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
-        if self._offloaded:
-            self.onload()
+        self._offloader.onload()
         with _eval_mode(self.module), torch.no_grad():
             with autocast(self.device, self.engine_cfg.bf16):
                 return fn(self.module)
 
     def offload(self) -> None:
-        """Move the weights to CPU until the next call (a logged no-op on CPU or when off)."""
-        if not self.engine_cfg.offload or self.device.type == "cpu":
-            logger.info(
-                "offload of %s is a no-op (device %s)", type(self.module).__name__, self.device
-            )
-            return
-        self.module.to("cpu")
-        self._offloaded = True
+        """Move the weights to CPU until the next call (on CPU nothing moves: logged once)."""
+        self._offloader.offload()
 
     def onload(self) -> None:
         """Move offloaded weights back to the module's device."""
-        if not self._offloaded:
-            logger.info(
-                "onload of %s is a no-op (device %s)", type(self.module).__name__, self.device
-            )
-            return
-        self.module.to(self.device)
-        self._offloaded = False
+        self._offloader.onload()
 
 
 @contextlib.contextmanager
