@@ -161,8 +161,8 @@ class Backend(Protocol):
     call_module: nn.Module  # what loss_fn and forward_no_grad receive (may wrap `module`)
     device: torch.device
     collective_backward: bool  # whether each backward communicates over the dp group
-    # Whether state_dict() holds the fp32 master weights (deepspeed's ZeRO optimizers); otherwise
-    # the module's own parameters are the masters.
+    # Whether state_dict() holds the fp32 master weights (deepspeed's ZeRO and bf16 optimizers);
+    # otherwise the module's own parameters are the masters.
     masters_in_state: bool
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
@@ -491,9 +491,9 @@ def build_train_engine(
     """Build the engine of a trained model.
 
     `module` holds the initial (or resumed) weights, in any one dtype: they become fp32 masters
-    (see the module docstring) and `save_dtype="auto"` saves them back in it. `dp_group` is the torch.distributed group of
-    the ranks that hold replicas of this model (None: the world, when torch.distributed is
-    initialised; no data parallelism otherwise).
+    (see the module docstring) and `save_dtype="auto"` saves them back in it. `dp_group` is the
+    torch.distributed group of the ranks that hold replicas of this model (None: the world, when
+    torch.distributed is initialised; no data parallelism otherwise).
     """
     problems = [*engine_cfg.validate(), *engine_cfg.train_problems(), *optim_cfg.validate()]
     if total_train_steps <= 0:

@@ -127,8 +127,8 @@ def load_hf(
 
     `dtype` defaults to the checkpoint's dtype (config.json's, else that of its tensors). Head
     parameters the checkpoint lacks (a critic loaded from an actor) are an error unless
-    `head_init_seed` is given, which initialises them deterministically. `config_overrides` set run options such as
-    `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
+    `head_init_seed` is given, which initialises them deterministically. `config_overrides` set
+    run options such as `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
     """
     check_head(head)
     hf = read_hf_config(path)
@@ -276,10 +276,12 @@ def save_hf(
         )
     path = Path(path)
     _check_target(path)
-    sd = {k: v.detach() for k, v in (state_dict or model.state_dict()).items()}
+    sd = {
+        k: v.detach() for k, v in (model.state_dict() if state_dict is None else state_dict).items()
+    }
     _check_shapes(model, sd)
-    first = next(v for k, v in sd.items() if k in dict(model.named_parameters()))
-    dtype = _resolve_dtype(dtype, {"dtype": str(first.dtype).removeprefix("torch.")})
+    first_param = next(name for name, _ in model.named_parameters())
+    dtype = _resolve_dtype(dtype, {"dtype": str(sd[first_param].dtype).removeprefix("torch.")})
     family = family_for_config(model.config)
     hf_config = hf_config_for(model, dtype, tokenizer)
     hf_sd = family.state_dict_to_hf(sd, model.config, model.head)
