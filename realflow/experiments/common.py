@@ -19,7 +19,7 @@ from realflow.api.dfg import (
     MicroBatchSpec,
     build_dfg,
 )
-from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.config import SAVE_DTYPES, EngineConfig, OptimizerConfig
 
 
 @dataclasses.dataclass
@@ -37,16 +37,40 @@ class ModelConfig:
     )
     backend: str = field_("torch", "Training backend.", choices=("torch", "deepspeed"))
     zero_stage: int = field_(2, "deepspeed ZeRO stage (backend=deepspeed).", choices=(0, 1, 2, 3))
-    bf16: bool = field_(False, "bf16 autocast for this model's calls.")
-    offload: bool = field_(False, "Offload weights between calls (roles never trained).")
+    bf16: bool = field_(
+        False,
+        "bf16 compute. Trained roles keep fp32 master weights and optimizer state whatever the "
+        "checkpoint's dtype (torch: autocast; deepspeed: bf16 weight copies). Roles never "
+        "trained keep the checkpoint's dtype with bf16, and are upcast to fp32 without it.",
+    )
+    offload: bool = field_(
+        False,
+        "Move weights (and a trained role's optimizer state) to CPU between calls; nothing "
+        "moves on CPU. Not supported with backend=deepspeed.",
+    )
     gradient_checkpointing: bool = field_(False, "Recompute activations in backward.")
     max_tokens_per_mb: int = field_(4096, "Token budget of one micro-batch.", gt=0)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    save_dtype: str = field_(
+        "auto",
+        "dtype of the saved HF weights of a trained role: auto (the checkpoint's), float32, "
+        "bfloat16 or float16. Below float32 the fp32 master weights also go into the "
+        "checkpoint's worker state, so resume stays exact.",
+        choices=SAVE_DTYPES,
+    )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            backend=self.backend, zero_stage=self.zero_stage, bf16=self.bf16, offload=self.offload
+            backend=self.backend,
+            zero_stage=self.zero_stage,
+            bf16=self.bf16,
+            offload=self.offload,
+            save_dtype=self.save_dtype,
         )
+
+    def validate(self) -> list[str]:
+        # Checked for every role: a role never trained does not use the backend.
+        return self.engine_config().train_problems()
 
 
 def model_field(path: str = "builtin:tiny", lr: float = 2e-5, **kwargs: Any) -> Any:

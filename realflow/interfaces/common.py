@@ -276,11 +276,13 @@ def evaluate_loss(
 
 
 def save_hf_dir(model: Model, save_dir: str) -> None:
-    """Write the role's module (and tokenizer) as an HF directory."""
+    """Write the trained role's full weights, in the engine's save dtype, (and tokenizer) as an
+    HF directory."""
     from realflow.models.hf_io import save_hf
 
-    engine = engine_of(model, "save")
-    save_hf(engine.module, save_dir, tokenizer=model.tokenizer)
+    engine = train_engine_of(model, "save")
+    weights = engine.module_state_dict()
+    save_hf(engine.module, save_dir, model.tokenizer, engine.save_dtype, state_dict=weights)
 
 
 # ---- generation ---------------------------------------------------------------------------------

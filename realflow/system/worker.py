@@ -153,13 +153,11 @@ class ModelWorker:
                 cfg.seed,
                 self.dp_group,
             )
-        # Roles never trained, with <role>.offload: weights leave the device between calls.
+        # Roles with <role>.offload: weights (and optimizer state) leave the device between calls.
         self.offloaded = {
             n
             for n in self.spec.roles
-            if n not in self.spec.trained_roles
-            and roles[n].config.offload
-            and self.models[n].module is not None
+            if roles[n].config.offload and self.models[n].module is not None
         }
         for n in self.offloaded:
             self.models[n].module.offload()
