@@ -41,7 +41,8 @@ class ModelInterface:
       (or None when the call produces no data);
     - `train_step` returns a flat dict of float statistics (logged to metrics.jsonl);
     - `evaluate` returns a flat dict of float statistics of the batch under the current weights
-      (evaluation graphs; logged under `eval/`), changing nothing;
+      (evaluation graphs; logged under `eval/`), changing nothing; its means are averaged over
+      the eval batches with the optional key `weight` (e.g. the batch's answer tokens);
     - `save` writes the model as an HF directory;
     - `state_dict` / `load_state_dict` hold interface state that must survive a resume (e.g. an
       adaptive KL coefficient).

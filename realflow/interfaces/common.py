@@ -260,7 +260,8 @@ def evaluate_loss(
     interface: str,
 ) -> dict[str, float]:
     """A training loss and its stats under the current weights, without a gradient: the same
-    micro-batch weighting as training, so the result is the mean over the whole batch."""
+    micro-batch weighting as training, so the result is the mean over the whole batch. `weight`
+    is that batch's total weight (the evaluation averages batches with it)."""
     engine = engine_of(model, interface)
     mbs = split_micro_batches(data, mb_spec)
     weights = [float(loss_weight_fn(mb)) for mb in mbs]
@@ -272,7 +273,7 @@ def evaluate_loss(
         loss, stats = engine.forward_no_grad(lambda m, mb=mb: loss_fn(m, mb))
         for k, v in {"loss": float(loss), **stats}.items():
             out[k] = out.get(k, 0.0) + w / total * float(v)
-    return out
+    return {**out, "weight": total}
 
 
 def save_hf_dir(model: Model, save_dir: str) -> None:

@@ -6,7 +6,8 @@ same workers: one pass over the eval dataset (`eval_dataset.*`), batch by batch,
 reading the weights of the step just finished. The stats of its calls are averaged over the
 batches (weighted by batch size) and become part of that step's metrics row:
 `eval/<mfc>/<stat>` for every call, and `eval/<stat>` for the evaluate calls (e.g.
-`eval/loss`, `eval/reward/mean`). Nothing of the training state changes: the training loader,
+`eval/loss`, `eval/reward/mean`); a `ppl` next to a `loss` is exp of the averaged loss.
+Nothing of the training state changes: the training loader,
 the interfaces of the training graph and the weights are untouched, so a run with evaluation
 trains exactly like one without.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 from realflow.api.dfg import DataflowGraph, InterfaceType
@@ -23,6 +25,9 @@ from realflow.system.observe import Tracer
 from realflow.system.transport import Transport
 
 logger = logging.getLogger(__name__)
+
+
+WEIGHT = "weight"  # an evaluate call's weight of its means (not a stat of its own)
 
 
 class Evaluation:
@@ -91,13 +96,20 @@ class Evaluation:
         weights = self.batch_sizes[: len(per_batch)]
         sums: dict[str, float] = {}
         norms: dict[str, float] = {}
-        for stats, w in zip(per_batch, weights):
+        for stats, size in zip(per_batch, weights):
             for mfc, values in stats.items():
+                w = float(values.get(WEIGHT, size))
                 for k, v in values.items():
+                    if k == WEIGHT:
+                        continue
                     for key in _keys(mfc, k, mfc in self.evaluate_mfcs):
                         sums[key] = sums.get(key, 0.0) + w * float(v)
                         norms[key] = norms.get(key, 0.0) + w
-        return {k: sums[k] / norms[k] for k in sums}
+        row = {k: sums[k] / norms[k] for k in sums}
+        for key in [k for k in row if k.endswith("/ppl") and k[: -len("ppl")] + "loss" in row]:
+            # A perplexity is exp of the mean loss, not a mean of perplexities.
+            row[key] = math.exp(min(row[key[: -len("ppl")] + "loss"], 50.0))
+        return row
 
 
 def _keys(mfc: str, stat: str, headline: bool) -> list[str]:
