@@ -7,7 +7,7 @@ MFCs still have to read it. An MFC of step t is dispatched when
     train_step of M at step t-1; a train_step of M waits for every other call on M at step t
     and for its own step t-1;
   - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
-  - no checkpoint is due before step t.
+  - no barrier (a checkpoint or an evaluation) is due before step t.
 Keys are freed on every worker that holds them once their last consumer has finished.
 """
 
@@ -118,8 +118,9 @@ class Master:
         save: Callable[[int], None],
         stop: Callable[[], bool] | None = None,
     ) -> int:
-        """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
-        flight after every step for which `save_after(step)` holds. When `stop()` turns true, no
+        """Run steps first_step..last_step (inclusive). `save(step)` (a checkpoint, an
+        evaluation: a barrier) is called with no call in flight after every step for which
+        `save_after(step)` holds; no later step starts before it returns. When `stop()` turns true, no
         new step starts: the steps in flight finish and the run ends after the last of them
         (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none)."""
         self.last_step = last_step
