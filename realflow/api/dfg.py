@@ -33,6 +33,7 @@ class InterfaceType(str, enum.Enum):
     GENERATE = "generate"
     INFERENCE = "inference"
     TRAIN_STEP = "train_step"
+    EVALUATE = "evaluate"  # statistics of a batch under the current weights; writes no keys
 
 
 class DFGError(ValueError):
@@ -54,14 +55,6 @@ class MicroBatchSpec:
 
     n_mbs: int = 1
     max_tokens_per_mb: int | None = None
-
-
-@dataclasses.dataclass
-class HookSpec:
-    """A hook run on the worker before or after an MFC (offload, and later realloc)."""
-
-    type_: str
-    args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -97,8 +90,6 @@ class MFCDef:
     input_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     output_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     mb_spec: MicroBatchSpec = dataclasses.field(default_factory=MicroBatchSpec)
-    pre_hooks: list[HookSpec] = dataclasses.field(default_factory=list)
-    post_hooks: list[HookSpec] = dataclasses.field(default_factory=list)
     filter_loop: FilterLoop | None = None  # this MFC filters a sampling loop (see FilterLoop)
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ actor_gen and rew_inf (the loop) on fresh batches (see docs/runtime.md, "Samplin
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from realflow.api.config import field_
 from realflow.api.dfg import FilterLoop, MFCDef
@@ -51,13 +52,6 @@ class DAPOHyperparameters(GRPOHyperparameters):
         gt=0,
     )
 
-    def interface_args(self) -> dict:
-        """The actor's arguments: everything but the sampling loop's own keys."""
-        args = interface_args(self)
-        for key in ("dynamic_sampling", "max_rounds"):
-            del args[key]
-        return args
-
 
 def dynamic_sampling_node(cfg: ExperimentConfig, max_rounds: int) -> MFCDef:
     """dyn_filter: keeps the groups whose rewards differ; the filter of the sampling loop."""
@@ -72,14 +66,22 @@ class DAPOConfig(CriticFreeConfig):
 
     dapo: DAPOHyperparameters = dataclasses.field(default_factory=DAPOHyperparameters)
     hyperparameters_field = "dapo"
+    actor_interface = "grpo_actor"
+
+    def actor_args(self) -> dict[str, Any]:
+        """grpo_actor's arguments: the hyperparameters but the sampling loop's own."""
+        args = interface_args(self.dapo)
+        for key in ("dynamic_sampling", "max_rounds"):
+            del args[key]
+        return args
 
     def mfcs(self) -> list[MFCDef]:
-        d = self.dapo
-        args, kl = d.interface_args(), self.uses_ref()
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
+        loop = self.dapo.dynamic_sampling
         return [
-            actor_gen_node(self, "grpo_actor", args),
+            actor_gen_node(self, impl, args),
             reward_node(self),
-            *([dynamic_sampling_node(self, d.max_rounds)] if d.dynamic_sampling else []),
-            *([ref_node(self, "grpo_actor", args)] if kl else []),
-            actor_train_node(self, "grpo_actor", args, kl),
+            *([dynamic_sampling_node(self, self.dapo.max_rounds)] if loop else []),
+            *([ref_node(self, impl, args)] if kl else []),
+            actor_train_node(self, impl, args, kl),
         ]

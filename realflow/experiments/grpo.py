@@ -27,6 +27,7 @@ from realflow.experiments.ppo import (
     TRAIN,
     GenerationHyperparameters,
     RewardConfig,
+    policy_eval_mfcs,
     policy_roles,
     ref_node,
     reward_node,
@@ -102,11 +103,17 @@ class CriticFreeConfig(ExperimentConfig):
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
 
-    # The name of the subclass's PolicyHyperparameters field (a class attribute, not a key).
+    # Class attributes, not keys: the subclass's PolicyHyperparameters field and the actor's
+    # interface.
     hyperparameters_field: ClassVar[str] = ""
+    actor_interface: ClassVar[str] = ""
 
     def hyperparameters(self) -> PolicyHyperparameters:
         return getattr(self, self.hyperparameters_field)
+
+    def actor_args(self) -> dict[str, Any]:
+        """The actor interface's keyword arguments: the hyperparameters."""
+        return interface_args(self.hyperparameters())
 
     def uses_ref(self) -> bool:
         """Whether a KL term reads the reference model (else ref_inf and ref are left out)."""
@@ -124,6 +131,9 @@ class CriticFreeConfig(ExperimentConfig):
         if not self.uses_ref():
             del roles["ref"]
         return roles
+
+    def eval_mfcs(self) -> list[MFCDef]:
+        return policy_eval_mfcs(self, self.actor_interface, self.actor_args())
 
 
 def actor_gen_node(cfg: ExperimentConfig, impl: str, args: dict[str, Any]) -> MFCDef:
@@ -147,12 +157,13 @@ class GRPOConfig(CriticFreeConfig):
 
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
     hyperparameters_field = "grpo"
+    actor_interface = "grpo_actor"
 
     def mfcs(self) -> list[MFCDef]:
-        args, kl = interface_args(self.grpo), self.uses_ref()
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
         return [
-            actor_gen_node(self, "grpo_actor", args),
+            actor_gen_node(self, impl, args),
             reward_node(self),
-            *([ref_node(self, "grpo_actor", args)] if kl else []),
-            actor_train_node(self, "grpo_actor", args, kl),
+            *([ref_node(self, impl, args)] if kl else []),
+            actor_train_node(self, impl, args, kl),
         ]

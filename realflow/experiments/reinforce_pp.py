@@ -14,7 +14,6 @@ import dataclasses
 from realflow.api.config import field_
 from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import interface_args
 from realflow.experiments.grpo import (
     CriticFreeConfig,
     PolicyHyperparameters,
@@ -58,12 +57,13 @@ class ReinforcePPConfig(CriticFreeConfig):
         default_factory=ReinforcePPHyperparameters
     )
     hyperparameters_field = "reinforce_pp"
+    actor_interface = "reinforce_pp_actor"
 
     def mfcs(self) -> list[MFCDef]:
-        args, kl = interface_args(self.reinforce_pp), self.uses_ref()
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
         return [
-            actor_gen_node(self, "reinforce_pp_actor", args),
+            actor_gen_node(self, impl, args),
             reward_node(self),
-            *([ref_node(self, "reinforce_pp_actor", args)] if kl else []),
-            actor_train_node(self, "reinforce_pp_actor", args, kl),
+            *([ref_node(self, impl, args)] if kl else []),
+            actor_train_node(self, impl, args, kl),
         ]

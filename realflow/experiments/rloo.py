@@ -12,7 +12,6 @@ import dataclasses
 from realflow.api.config import field_
 from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import interface_args
 from realflow.experiments.grpo import (
     CriticFreeConfig,
     PolicyHyperparameters,
@@ -47,12 +46,13 @@ class RLOOConfig(CriticFreeConfig):
 
     rloo: RLOOHyperparameters = dataclasses.field(default_factory=RLOOHyperparameters)
     hyperparameters_field = "rloo"
+    actor_interface = "rloo_actor"
 
     def mfcs(self) -> list[MFCDef]:
-        args, kl = interface_args(self.rloo), self.uses_ref()
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
         return [
-            actor_gen_node(self, "rloo_actor", args),
+            actor_gen_node(self, impl, args),
             reward_node(self),
-            *([ref_node(self, "rloo_actor", args)] if kl else []),
-            actor_train_node(self, "rloo_actor", args, kl),
+            *([ref_node(self, impl, args)] if kl else []),
+            actor_train_node(self, impl, args, kl),
         ]

@@ -19,6 +19,7 @@ from realflow.api.registry import INTERFACES
 from realflow.interfaces.common import (
     IDS,
     answer_mask_T1,
+    evaluate_loss,
     map_micro_batches,
     one_per_seq,
     output_sample,
@@ -87,6 +88,14 @@ class DPOInterface(ModelInterface):
         pairs_per_sample(data)
         n_pairs = lambda mb: float(sum(pairs_per_sample(mb)))  # noqa: E731
         return engine.train_batch(split_micro_batches(data, mb_spec), self.loss, n_pairs)
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """The DPO loss, reward accuracy and margins of the pairs under the current weights."""
+        pairs_per_sample(data)
+        n_pairs = lambda mb: float(sum(pairs_per_sample(mb)))  # noqa: E731
+        return evaluate_loss(model, data, mb_spec, self.loss, n_pairs, "dpo")
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

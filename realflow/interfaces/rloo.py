@@ -32,8 +32,8 @@ class RLOOArgs(PolicyArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.group_size < 2:
-            raise ValueError(f"rloo group_size ({self.group_size}) must be >= 2")
+        # group_size 1 is allowed: generation alone (the evaluation's greedy answers) needs no
+        # baseline; advantages() refuses groups of fewer than 2.
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(
                 f"rloo kl_estimator {self.kl_estimator!r} unknown; known: {sorted(KL_ESTIMATORS)}"

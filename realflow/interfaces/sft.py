@@ -13,6 +13,7 @@ from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES
 from realflow.interfaces.common import (
     answer_mask_T1,
+    evaluate_loss,
     map_micro_batches,
     output_sample,
     save_hf_dir,
@@ -59,6 +60,13 @@ class SFTInterface(ModelInterface):
     ) -> SequenceSample:
         logprobs = map_micro_batches(model, data, mb_spec, token_logprobs, "sft")
         return output_sample(data, {"logprobs": logprobs}, {"logprobs": shifted_seqlens(data)})
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """Answer-token NLL of the batch (`loss`) and its perplexity."""
+        stats = evaluate_loss(model, data, mb_spec, sft_loss, n_answer_tokens, "sft")
+        return {**stats, "ppl": math.exp(min(stats["loss"], 50.0))}
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

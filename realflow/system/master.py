@@ -7,7 +7,7 @@ MFCs still have to read it. An MFC of step t is dispatched when
     train_step of M at step t-1; a train_step of M waits for every other call on M at step t
     and for its own step t-1;
   - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
-  - no checkpoint is due before step t;
+  - no barrier (a checkpoint or an evaluation) is due before step t;
   - with a sampling loop (a filter MFC, see `FilterLoop`), an MFC outside the loop waits until
     the loop has found the step's `n_seqs` samples.
 Keys are freed on every worker that holds them once their last consumer has finished.
@@ -16,7 +16,8 @@ Sampling loop: the loop's MFCs run on one dataset batch (a round); the filter's 
 samples that qualified. Until `n_seqs` have, and for at most `max_rounds` rounds, the master
 keeps those, frees the rest, loads another batch for the same step and runs the loop again
 (each round's calls are seeded apart). Then the step's ids become the `n_seqs` kept samples and
-the MFCs outside the loop run on them. No later step is loaded while a loop is open, so the
+the MFCs outside the loop run on them. The loop's MFCs report the mean of their rounds' stats;
+the filter adds the loop's counts (rounds, generated, qualified, filled, cap_reached). No later step is loaded while a loop is open, so the
 loader's order, and with it a run, does not depend on timing.
 """
 
@@ -68,7 +69,8 @@ class StepState:
     kept: list[Any] = dataclasses.field(default_factory=list)  # ids kept, in order
     kept_meta: dict[str, list[SequenceSample]] = dataclasses.field(default_factory=dict)
     loop_counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    filter_stats: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    # MFC -> the stats of each of its rounds (every loop MFC reports their mean)
+    loop_stats: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -92,6 +94,7 @@ class Master:
         data_worker: int,
         mfc_timeout_s: float = 0.0,
         on_call: Callable[[MFCResult], None] | None = None,
+        fetch_payload: Callable[[int], Any] | None = None,
     ):
         self.dfg = dfg
         self.transport = transport
@@ -99,6 +102,8 @@ class Master:
         self.data_worker = data_worker
         self.timeout = mfc_timeout_s or None
         self.on_call = on_call or (lambda r: None)
+        # What FETCH_BATCH of step t asks the data worker for (None: the next training batch).
+        self.fetch_payload = fetch_payload or (lambda step: None)
         self.mfcs = dfg.mfcs
         self.by_name = {m.name: m for m in self.mfcs}
         self.rank = {m.name: i for i, m in enumerate(self.mfcs)}  # dispatch in DFG order
@@ -135,8 +140,9 @@ class Master:
         save: Callable[[int], None],
         stop: Callable[[], bool] | None = None,
     ) -> int:
-        """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
-        flight after every step for which `save_after(step)` holds. When `stop()` turns true, no
+        """Run steps first_step..last_step (inclusive). `save(step)` (a checkpoint, an
+        evaluation: a barrier) is called with no call in flight after every step for which
+        `save_after(step)` holds; no later step starts before it returns. When `stop()` turns true, no
         new step starts: the steps in flight finish and the run ends after the last of them
         (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none)."""
         self.last_step = last_step
@@ -158,7 +164,8 @@ class Master:
             self._fetch_refills()
             if next_fetch <= self.last_step and self._may_fetch(next_fetch, barrier):
                 self.steps[next_fetch] = self._new_step(next_fetch)
-                self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
+                payload = self.fetch_payload(next_fetch)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, payload, next_fetch, None, True)
                 next_fetch += 1
             self._dispatch_ready(barrier)
             if not self.steps and next_fetch > self.last_step:
@@ -193,7 +200,8 @@ class Master:
             state = self.steps[step]
             if state.refill_due and self._idle(self.data_worker):
                 state.refill_due = False
-                self._submit(self.data_worker, Kind.FETCH_BATCH, None, step, None, busy=True)
+                payload = self.fetch_payload(step)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, payload, step, None, busy=True)
 
     def _idle(self, worker: int) -> bool:
         return self.busy[worker] == 0
@@ -326,6 +334,8 @@ class Master:
             state.running.discard(mfc.name)
             state.done.add(mfc.name)
             state.stats[mfc.name] = result.stats
+            if mfc.name in self.loop:
+                state.loop_stats.setdefault(mfc.name, []).append(result.stats)
             if result.meta is not None:
                 for key in result.meta.keys:
                     self._add_key(state, key, result.meta.select([key]), call.worker)
@@ -370,7 +380,6 @@ class Master:
         keep = [i for i in round_ids if i in passed][:need]
         counts = state.loop_counts
         counts.update(rounds=1, generated=len(round_ids), qualified=len(passed))
-        state.filter_stats.append(dict(result.stats))
         at_cap = state.round >= self.filter.filter_loop.max_rounds
         if len(keep) < need and at_cap:
             short = need - len(keep)
@@ -425,11 +434,12 @@ class Master:
         for key, metas in state.kept_meta.items():
             state.meta[key] = SequenceSample.gather(metas)
         state.resolved = True
+        for name, per_round in state.loop_stats.items():  # every round weighs the same
+            state.stats[name] = _mean_stats(per_round)
         counts = state.loop_counts
-        stats = _mean_stats(state.filter_stats)  # the filter's own, averaged over the rounds
+        stats = state.stats[self.filter.name]
         stats.update({k: float(counts[k]) for k in ("rounds", "generated", "qualified", "filled")})
         stats["cap_reached"] = float(at_cap and counts["filled"] > 0)
-        state.stats[self.filter.name] = stats
 
     def _free(self, state: StepState, keys: list[str]) -> None:
         by_worker: dict[int, list[str]] = {}
