@@ -114,6 +114,9 @@ class Master:
                 self.calls_on_model[m.model_name].append(m.name)
         self.filter = dfg.filter  # the filter MFC of the sampling loop, or None
         self.loop = dfg.loop  # the names of the loop's MFCs (the filter's and its ancestors')
+        self.cap_warned = (
+            False  # the first step a loop hits max_rounds is a warning, later ones not
+        )
         self.readers: dict[str, set[str]] = collections.defaultdict(set)  # key -> its MFCs
         for m in self.mfcs:
             for key in m.input_keys:
@@ -385,11 +388,14 @@ class Master:
             short = need - len(keep)
             fill = [i for i in round_ids if i not in passed][:short]
             counts.update(filled=len(fill))
-            logger.warning(
+            log = logger.debug if self.cap_warned else logger.warning
+            self.cap_warned = True
+            log(
                 "step %d: %d of %d samples passed filter '%s' in %d batches (max_rounds); the "
-                "batch is topped up with %d that did not",
-                state.step, len(state.kept) + len(keep), self.filter.n_seqs,
-                self.filter.name, state.round, len(fill),
+                "batch is topped up with %d that did not (this and later steps: metrics "
+                "%s/filled and %s/cap_reached)",
+                state.step, len(state.kept) + len(keep), self.filter.n_seqs, self.filter.name,
+                state.round, len(fill), self.filter.name, self.filter.name,
             )  # fmt: skip
             taken = set(keep) | set(fill)
             keep = [i for i in round_ids if i in taken]
