@@ -141,8 +141,10 @@ def reenact(cfg: LoopConfig, steps: int) -> tuple[list[list[int]], list[dict[str
     for _ in range(steps):
         kept: list[int] = []
         c = dict.fromkeys(("rounds", "generated", "qualified", "filled", "cap_reached"), 0.0)
+        scored: list[int] = []
         while len(kept) < n:
             batch = [int(i) for i in loader.next_batch().ids]
+            scored += batch
             c["rounds"] += 1
             c["generated"] += len(batch)
             passed = [i for i in batch if i % cfg.keep_mod == 0]
@@ -154,6 +156,7 @@ def reenact(cfg: LoopConfig, steps: int) -> tuple[list[list[int]], list[dict[str
                 take = [i for i in batch if i in take or i in fill]
             kept += take
         trained.append(kept)
+        c["score_mean"] = sum(1.0 + i for i in scored) / len(scored)  # what `score` wrote
         counts.append(c)
     return trained, counts
 
@@ -182,9 +185,12 @@ def test_each_step_trains_on_what_the_rule_keeps(tmp_path, monkeypatch, keep_mod
     assert SEEN["train_ids"] == want_ids
     rows = rows_of(str(tmp_path))
     for row, want in zip(rows, want_counts):
+        score_mean = want.pop("score_mean")
         got = {k: row[f"filter/{k}"] for k in want}
         assert got == want, row["step"]
         assert row["train/n"] == cfg.n_seqs
+        # A loop MFC reports the mean of its rounds' stats: here over every sample scored.
+        assert row["score/score/mean"] == pytest.approx(score_mean, rel=1e-6)
     # Each round's calls are seeded apart.
     assert len(SEEN["gen_seeds"]) == sum(c["rounds"] for c in want_counts)
     assert len(set(SEEN["gen_seeds"])) == len(SEEN["gen_seeds"])
