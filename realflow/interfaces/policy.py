@@ -109,8 +109,9 @@ class CriticFreeActor(ModelInterface):
 
     args_class: type[PolicyArgs] = PolicyArgs
     name = "critic_free_actor"
-    kl_in_loss = True  # a kl_beta * k3 term in the loss (False: the subclass puts KL elsewhere;
-    # ref_kl is still reported when ref_logprobs come in)
+    # A kl_beta * k3 term in the loss; False: the subclass puts the KL elsewhere (ref_kl is still
+    # reported when ref_logprobs come in).
+    kl_in_loss = True
 
     def __init__(self, **kwargs: Any):
         from realflow.models.generation import GenerationConfig

@@ -16,9 +16,10 @@ Sampling loop: the loop's MFCs run on one dataset batch (a round); the filter's 
 samples that qualified. Until `n_seqs` have, and for at most `max_rounds` rounds, the master
 keeps those, frees the rest, loads another batch for the same step and runs the loop again
 (each round's calls are seeded apart). Then the step's ids become the `n_seqs` kept samples and
-the MFCs outside the loop run on them. The loop's MFCs report the mean of their rounds' stats;
-the filter adds the loop's counts (rounds, generated, qualified, filled, cap_reached). No later step is loaded while a loop is open, so the
-loader's order, and with it a run, does not depend on timing.
+the MFCs outside the loop run on them. No later step is loaded while a loop is open, so the
+loader's order, and with it a run, does not depend on timing. The loop's MFCs report the mean
+of their rounds' stats; the filter adds the loop's counts (rounds, generated, qualified, filled,
+cap_reached).
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ class Master:
                 self.calls_on_model[m.model_name].append(m.name)
         self.filter = dfg.filter  # the filter MFC of the sampling loop, or None
         self.loop = dfg.loop  # the names of the loop's MFCs (the filter's and its ancestors')
-        self.cap_warned = (
-            False  # the first step a loop hits max_rounds is a warning, later ones not
-        )
+        # The first step whose loop reaches max_rounds is a warning, the later ones are not.
+        self.cap_warned = False
         self.readers: dict[str, set[str]] = collections.defaultdict(set)  # key -> its MFCs
         for m in self.mfcs:
             for key in m.input_keys:
