@@ -188,3 +188,20 @@ def test_ppo_ray_mode(tmp_path, reverse_sft):
         hf_dir = os.path.join(result.last_checkpoint, role)
         assert changed(initial_state(cfg, role), saved_state(hf_dir, head))
         check_hf_loads(hf_dir, head)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dapo_sampling_loop_ray_mode(tmp_path, reverse_sft):
+    """mode=ray: the sampling loop's refills and the sends between actor and reward workers."""
+    pytest.importorskip("ray")
+    cfg = tiny_config("dapo", tmp_path, "total_steps=2", "mode=ray", "dapo.max_rounds=3")
+    result = run("dapo", cfg)
+    rows = read_metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_finite_rows(rows)
+    rounds = [int(r["dyn_filter/rounds"]) for r in rows]
+    calls = collections.Counter(trace_calls(result.output_dir))
+    for step, n in enumerate(rounds, start=1):
+        assert calls[("actor_gen", step)] == calls[("dyn_filter", step)] == n
+        assert calls[("actor_train", step)] == 1
