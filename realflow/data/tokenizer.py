@@ -127,9 +127,11 @@ def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerFast:
             "download the model or tokenizer first and give its directory"
         )
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())
+        listed = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
         raise TokenizerError(
             f"directory '{path}' has no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)} "
-            f"(found: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})"
+            f"(found: {listed or 'nothing'})"
         )
     tok = _load_dir(path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:

@@ -101,6 +101,7 @@ def run_experiment(name: str, cfg: ExperimentConfig) -> int:
 def run(name: str, cfg: ExperimentConfig) -> RunResult:
     """Run experiment `name` with `cfg`; raises RunFailure when a call fails."""
     from realflow.system.builtin_models import resolve_builtin_models
+    from realflow.system.preflight import check_roles
 
     output_dir = cfg.resolved_output_dir(name)
     cfg = dataclasses.replace(cfg, output_dir=output_dir)
@@ -110,6 +111,7 @@ def run(name: str, cfg: ExperimentConfig) -> RunResult:
     first_step = 1
     found = latest_checkpoint(output_dir) if cfg.recover_mode == "auto" else None
     run_cfg = resolve_builtin_models(cfg)
+    check_roles(run_cfg)  # before any worker starts: models and tokenizers fit together
     if found:
         first_step = found[0] + 1
         run_cfg = resume_config(run_cfg, found[1])
