@@ -60,10 +60,15 @@ def check_roles(cfg: ExperimentConfig) -> None:
     cfg = cfg.with_role_defaults()
     roles = cfg.roles()
     trained = {m.model_name for m in cfg.mfcs() if m.is_train}
-    problems: list[str] = []
+    empty = [n for n, r in roles.items() if r.head != "none" and r.config.path == SAME_AS_ACTOR]
+    if "actor" in empty:  # the roles that follow it say nothing more
+        empty = [n for n in empty if n == "actor" or roles[n].head == "reward"]
+    problems = [_empty_path(n, roles[n], n in trained) for n in empty]
     seen: dict[str, Any] = {}  # path or tokenizer source -> what it gave (None: reported)
     views = {
-        name: _view(name, role, name in trained, seen, problems) for name, role in roles.items()
+        name: _view(name, role, seen, problems)
+        for name, role in roles.items()
+        if role.head == "none" or role.config.path != SAME_AS_ACTOR
     }
     ref = "actor" if "actor" in roles else next(iter(roles), None)
     pairs_seen = set()
@@ -83,9 +88,7 @@ def check_roles(cfg: ExperimentConfig) -> None:
 # ---- one role -----------------------------------------------------------------------------
 
 
-def _view(
-    name: str, role: ModelRole, trained: bool, seen: dict[str, Any], problems: list[str]
-) -> RoleView | None:
+def _view(name: str, role: ModelRole, seen: dict[str, Any], problems: list[str]) -> RoleView | None:
     """The role's tokenizer and vocab size; None when they cannot be read (the problem is in
     `problems`, once per path or tokenizer however many roles share it)."""
     from realflow.data.tokenizer import TokenizerError, load_tokenizer
@@ -95,9 +98,6 @@ def _view(
     key = f"tokenizer:{source}"
     vocab: int | None = None
     if role.head != "none":
-        if path == SAME_AS_ACTOR:
-            problems.append(_empty_path(name, role, trained))
-            return None
         if path not in seen:
             try:
                 seen[path] = model_vocab_size(path)

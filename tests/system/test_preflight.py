@@ -195,16 +195,22 @@ def test_every_problem_is_listed_at_once(dirs, tmp_path):
     cfg = tiny_ppo(tmp_path, actor__path=str(tmp_path / "nope"), critic__path=dirs["small_vocab"])
     cfg.reward.scorers = ["model"]
     assert problems(cfg) == [
-        f"actor.path: '{tmp_path / 'nope'}' is not a local directory; give an HF checkpoint "
-        "directory (realflow never downloads from the hub), 'builtin:tiny' or 'builtin:<task>-sft'",
         "rew.path is empty, but a reward scorer (such as 'model') reads the weights of role "
         "'rew': set rew.path to a trained reward model directory (the rw experiment writes one "
         "to <output_dir>/checkpoints/step_<N>/rew); a reward model is trained separately, so it "
         "has no default",
+        f"actor.path: '{tmp_path / 'nope'}' is not a local directory; give an HF checkpoint "
+        "directory (realflow never downloads from the hub), 'builtin:tiny' or 'builtin:<task>-sft'",
         f"critic: the model's vocab_size (101, {dirs['small_vocab']}) is smaller than its "
         f"tokenizer (195 ids, {dirs['small_vocab']}): ids >= 101 would index past the embedding. "
         "Use the tokenizer the model was trained with (critic.tokenizer_path), or resize the "
         "model's embeddings to at least 195 rows",
+    ]
+    # An empty actor.path is said once, not again for ref and critic that follow it.
+    cfg.actor.path = cfg.critic.path = ""
+    assert [p.split(":")[0] for p in problems(cfg)] == [
+        "actor.path is empty",
+        "rew.path is empty, but a reward scorer (such as 'model') reads the weights of role 'rew'",
     ]
     rw = RWConfig()
     rw.rew.path = ""
