@@ -82,3 +82,17 @@ def test_reward_model_with_added_pad_resumes_exactly(tmp_path):
     assert [r["step"] for r in resumed.rows] == [2]
     a, b = weights(fresh.last_checkpoint), weights(resumed.last_checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_reward_model_passes_the_check_against_its_actor(tmp_path):
+    # The saved tokenizer has one token more (its pad) than the actor's: not a difference.
+    from realflow.experiments.ppo import PPOConfig
+    from realflow.system.preflight import check_roles
+
+    start = no_pad_checkpoint(tmp_path / "sft")
+    rm = tmp_path / "rm"
+    model = PackedTransformer(builtin_config("tiny-llama", WORDS, eos_token_id=2), head="reward")
+    save_hf(model, rm, tokenizer=load_tokenizer(start))
+    cfg = PPOConfig()
+    cfg.actor.path, cfg.rew.path, cfg.reward.scorers = start, str(rm), ["model"]
+    check_roles(cfg)
