@@ -36,15 +36,16 @@ from realflow.models.transformer import PackedTransformer
 logger = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
-EMBED = "embed_tokens.weight"  # the token embedding in realflow's state dict
 BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# Keys of an HF config.json that describe a head or a saved file, not the architecture.
-# config.json key: how many embedding rows realflow appended for a reward model's new pad token
-# (see tokenizer_for_export); load_hf drops them again, so training resumes in the trained shape.
+EMBED = "embed_tokens.weight"  # the token embedding in realflow's state dict
+# config.json key: how many embedding rows save_hf appended so that every id of the saved
+# tokenizer (a reward model's new pad token, see tokenizer_for_export) has one; load_hf drops
+# them again, so training resumes in the trained shape.
 ADDED_PAD_ROWS = "realflow_added_pad_rows"
 # Names tried, in order, for a pad token added on export.
 EXPORT_PAD_TOKENS = ("<|pad|>", "<|realflow_pad|>", "[PAD]")
+# Keys of an HF config.json that describe a head or a saved file, not the architecture.
 _HEAD_KEYS = (
     "architectures", "id2label", "label2id", "num_labels", "problem_type",
     "transformers_version", "_name_or_path", "torch_dtype", "dtype", ADDED_PAD_ROWS,
@@ -191,7 +192,10 @@ def _build_with_state(
         else:
             sd[name] = torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen)
         logger.info("initialised %s %s from seed %d", name, tuple(shape), head_init_seed)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # copy=True: parameters in memory of their own, never views into the checkpoint's buffer.
+    # Views start at unaligned addresses, and CPU kernels then sum in another order: a run resumed
+    # from a checkpoint drifted (1e-8) from the uninterrupted one.
+    sd = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     return model.eval()
@@ -243,8 +247,8 @@ def tokenizer_for_export(model: PackedTransformer, tokenizer: Any | None) -> Any
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"pad_token": name})
     logger.info(
-        "saving reward model with a new pad token %r (id %d): its pad was %s, an EOS id, and HF "
-        "sequence classification would read the score before EOS",
+        "saving the reward model with a new pad token %r (id %d): its pad (%s) is missing or "
+        "an EOS id, and HF sequence classification would read the score before EOS",
         name, tokenizer.pad_token_id, pad,
     )  # fmt: skip
     return tokenizer
