@@ -130,7 +130,8 @@ def test_reward_model_of_another_tokenizer_is_refused_before_workers_start(
     assert problem.startswith(
         f"rew: its tokenizer ({dirs['rm']}) differs from actor's (builtin): 300 vs 195 ids, "
         "489 tokens with another id or in one tokenizer only (e.g. '<unk>' is absent vs 3, "
-        "'w3' is 3 vs absent, ' ' is absent vs 4). rew reads the token ids actor writes"
+        "'w3' is 3 vs absent, ' ' is absent vs 4); ids put before a prompt [] vs [1]. rew reads "
+        "the token ids actor writes"
     )
     assert "set rew.check_tokenizer=false if the ids do mean the same tokens" in problem
 
