@@ -8,6 +8,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -36,7 +37,7 @@ class DPOConfig(ExperimentConfig):
     """DPO on paired data (JSONL rows {"prompt", "chosen", "rejected"})."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
     dpo: DPOHyperparameters = dataclasses.field(default_factory=DPOHyperparameters)
 
     dataset_type = "paired"

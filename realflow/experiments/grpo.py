@@ -8,6 +8,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -49,8 +50,8 @@ class GRPOConfig(ExperimentConfig):
     """GRPO on prompt-only data, built-in task by default."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)

@@ -8,6 +8,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -115,9 +116,9 @@ class PPOConfig(ExperimentConfig):
     """PPO on prompt-only data (JSONL rows {"prompt", ...}), built-in task by default."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
-    critic: ModelConfig = model_field("builtin:reverse-sft", lr=3e-3, init_from_actor=True)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
+    critic: ModelConfig = model_field(SAME_AS_ACTOR, lr=3e-3, init_from_actor=True)
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
