@@ -155,7 +155,14 @@ MODEL_FAMILIES: Registry[Any] = Registry("model family", ("realflow.models.famil
 REWARD_SCORERS: Registry[Any] = Registry(
     "reward scorer",
     ("realflow.interfaces.scorers",),
-    builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
+    builtin_names=(
+        "embedding_similarity",
+        "hf_classifier",
+        "model",
+        "python",
+        "task",
+        "task_steps",
+    ),
 )
 # fn(mfc: MFCDef, data: SequenceSample, model: Model) -> dict[str, float], run on the worker
 # after every generate/inference call (see realflow/interfaces/metrics.py).

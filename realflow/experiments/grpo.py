@@ -24,6 +24,7 @@ from realflow.experiments.ppo import (
     policy_eval_mfcs,
     policy_roles,
     ref_node,
+    reward_keys,
     reward_node,
 )
 
@@ -72,7 +73,7 @@ class GRPOConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.grpo)
-        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards")
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", *reward_keys(self))
         return [
             self.node(
                 "actor_gen", "actor", GEN, "grpo_actor", args, ("packed_prompts",), ROLLOUT_KEYS

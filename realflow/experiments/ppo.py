@@ -66,6 +66,17 @@ class RewardConfig:
         )
         return problems
 
+    def dense(self) -> bool:
+        """Whether any scorer gives per-step (process) rewards: the reward MFC then also writes
+        `dense_rewards`, which the policy's train step reads."""
+        from realflow.api.registry import REWARD_SCORERS
+
+        return any(
+            getattr(REWARD_SCORERS.get(s), "dense", False)
+            for s in self.scorers
+            if s in REWARD_SCORERS
+        )
+
     def needs_model(self) -> bool:
         """Whether any scorer reads the reward role's weights."""
         from realflow.api.registry import REWARD_SCORERS
@@ -143,7 +154,7 @@ class PPOConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.ppo)
-        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards", "values")
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", *reward_keys(self), "values")
         return [
             self.node(
                 "actor_gen", "actor", GEN, "ppo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
@@ -173,12 +184,19 @@ def policy_roles(cfg: ExperimentConfig) -> dict[str, ModelRole]:
     }
 
 
+def reward_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """What rew_inf writes: `rewards`, and `dense_rewards` with a process-reward scorer."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    return ("rewards", "dense_rewards") if reward.dense() else ("rewards",)
+
+
 def reward_node(cfg: ExperimentConfig) -> MFCDef:
     """rew_inf: the `reward` interface scores each answer with the configured scorers."""
     reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
     return cfg.node(
-        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"), ("rewards",)
-    )
+        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"),
+        reward_keys(cfg),
+    )  # fmt: skip
 
 
 def policy_eval_mfcs(cfg: ExperimentConfig, impl: str, args: dict) -> list[MFCDef]:

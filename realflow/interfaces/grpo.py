@@ -111,6 +111,9 @@ class GRPOActorInterface(ModelInterface):
         """Group-normalised advantages on answer tokens ([T1]) and reward statistics."""
         a = self.args
         score_B = data.data["rewards"].float()
+        if "dense_rewards" in data.keys:  # process rewards count toward the sequence's score
+            cu1_B1 = shifted_cu_seqlens(data.cu_seqlens(IDS))
+            score_B = score_B + segment_sum(data.data["dense_rewards"].float(), cu1_B1)
         no_eos_B = data.data["no_eos_mask"].bool()
         processed_B = process_scores(
             score_B, no_eos_B, a.reward_output_scaling,
