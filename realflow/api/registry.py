@@ -158,6 +158,13 @@ REWARD_SCORERS: Registry[Any] = Registry(
     builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
 )
 
+# Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+LOSS_SCALES: Registry[Any] = Registry(
+    "loss scale",
+    ("realflow.data.loss_scale",),
+    builtin_names=("all", "answer", "field", "last_turn", "role_weights"),
+)
+
 ENTRY_POINT_GROUP = "realflow.plugins"
 _loaded_plugins: set[str] = set()
 

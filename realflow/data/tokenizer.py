@@ -17,6 +17,9 @@ token per item, and `decode(encode(text)) == text` for every ASCII text. Ids:
 | `" "`..`"~"`, `"\\n"` | 4..99 | single characters |
 | `" !"`..`" ~"`, `" \\n"` | 100..194 | a space and the character after it |
 
+Its chat template is `realflow.data.chat.DEFAULT_CHAT_TEMPLATE` (`<role>\\n` + content, EOS after
+assistant messages, `\\n` after every message).
+
 Sequences are built with `prompt_token_ids` (BOS, when the tokenizer has one, then the prompt) and
 `text_token_ids` (no special tokens): use them everywhere so that datasets, generation and rewards
 agree on where BOS goes. Encoding never adds special tokens by itself (no post-processor).
@@ -72,6 +75,8 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PRE_TOKEN_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -79,6 +84,7 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         model_max_length=_MODEL_MAX_LENGTH,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
 
 
@@ -96,7 +102,10 @@ def write_builtin_tokenizer(out_dir: str | Path) -> Path:
         "unk_token": UNK_TOKEN,
     }
     # "PreTrainedTokenizerFast" loads in transformers 4.x and 5.x alike.
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     config = {
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": _MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,
