@@ -158,7 +158,12 @@ REWARD_SCORERS: Registry[Any] = Registry(
     builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
 )
 
-# Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+# Losses, by the interface that calls them; each interface documents the signature (see
+# realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+_LOSS_MODULES = ("realflow.interfaces.losses",)
+SFT_LOSSES: Registry[Any] = Registry("sft loss", _LOSS_MODULES, builtin_names=("nll",))
+DPO_LOSSES: Registry[Any] = Registry("dpo loss", _LOSS_MODULES, builtin_names=("ipo", "sigmoid"))
+RW_LOSSES: Registry[Any] = Registry("rw loss", _LOSS_MODULES, builtin_names=("bradley_terry",))
 LOSS_SCALES: Registry[Any] = Registry(
     "loss scale",
     ("realflow.data.loss_scale",),
