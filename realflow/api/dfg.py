@@ -28,6 +28,7 @@ class InterfaceType(str, enum.Enum):
     GENERATE = "generate"
     INFERENCE = "inference"
     TRAIN_STEP = "train_step"
+    EVALUATE = "evaluate"  # statistics of a batch under the current weights; writes no keys
 
 
 class DFGError(ValueError):
@@ -52,14 +53,6 @@ class MicroBatchSpec:
 
 
 @dataclasses.dataclass
-class HookSpec:
-    """A hook run on the worker before or after an MFC (offload, and later realloc)."""
-
-    type_: str
-    args: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
 class MFCDef:
     """One node of the DFG."""
 
@@ -73,8 +66,6 @@ class MFCDef:
     input_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     output_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     mb_spec: MicroBatchSpec = dataclasses.field(default_factory=MicroBatchSpec)
-    pre_hooks: list[HookSpec] = dataclasses.field(default_factory=list)
-    post_hooks: list[HookSpec] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.interface_type not in {t.value for t in InterfaceType}:

@@ -157,6 +157,17 @@ REWARD_SCORERS: Registry[Any] = Registry(
     ("realflow.interfaces.scorers",),
     builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
 )
+# fn(mfc: MFCDef, data: SequenceSample, model: Model) -> dict[str, float], run on the worker
+# after every generate/inference call (see realflow/interfaces/metrics.py).
+METRICS: Registry[Any] = Registry(
+    "metric", ("realflow.interfaces.metrics",), builtin_names=("generation", "scores")
+)
+# Callback classes, run in the driver on run events (see realflow/api/callbacks.py).
+CALLBACKS: Registry[Any] = Registry(
+    "callback",
+    ("realflow.api.callbacks",),
+    builtin_names=("early_stopping", "target_metric"),
+)
 
 # Losses, by the interface that calls them; each interface documents the signature (see
 # realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
@@ -223,6 +234,11 @@ def import_file(path: Path, prefix: str) -> ModuleType:
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+def absolute_plugin_specs(specs: Iterable[str]) -> list[str]:
+    """`specs` with plugin file paths made absolute (workers may run in another directory)."""
+    return [str(Path(s.strip()).resolve()) if _is_file_spec(s.strip()) else s for s in specs]
 
 
 def _is_file_spec(spec: str) -> bool:

@@ -20,6 +20,7 @@ from realflow.experiments.ppo import (
     TRAIN,
     GenerationHyperparameters,
     RewardConfig,
+    policy_eval_mfcs,
     policy_roles,
     ref_node,
     reward_node,
@@ -64,6 +65,9 @@ class GRPOConfig(ExperimentConfig):
 
     def roles(self) -> dict[str, ModelRole]:
         return policy_roles(self)
+
+    def eval_mfcs(self) -> list[MFCDef]:
+        return policy_eval_mfcs(self, "grpo_actor", interface_args(self.grpo))
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.grpo)

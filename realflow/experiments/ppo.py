@@ -137,6 +137,9 @@ class PPOConfig(ExperimentConfig):
         """The reward MFC; subclasses swap its interface to change how answers are scored."""
         return reward_node(self)
 
+    def eval_mfcs(self) -> list[MFCDef]:
+        return policy_eval_mfcs(self, "ppo_actor", interface_args(self.ppo))
+
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.ppo)
         train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards", "values")
@@ -153,6 +156,7 @@ class PPOConfig(ExperimentConfig):
 
 
 GEN, INF, TRAIN = InterfaceType.GENERATE, InterfaceType.INFERENCE, InterfaceType.TRAIN_STEP
+EVAL = InterfaceType.EVALUATE
 IDS = "packed_input_ids"
 # What a rollout (actor_gen) writes; see realflow/api/data.py for the layout of each key.
 ROLLOUT_KEYS = (IDS, "logprobs", "prompt_mask", "no_eos_mask")
@@ -174,6 +178,19 @@ def reward_node(cfg: ExperimentConfig) -> MFCDef:
     return cfg.node(
         "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"), ("rewards",)
     )
+
+
+def policy_eval_mfcs(cfg: ExperimentConfig, impl: str, args: dict) -> list[MFCDef]:
+    """eval_gen -> eval_rew: one greedy answer per eval prompt, scored by the run's reward
+    scorers (eval/reward/mean)."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    greedy = {**args, "gen": {**args["gen"], "greedy": True}}
+    if "group_size" in greedy:
+        greedy["group_size"] = 1
+    return [
+        cfg.node("eval_gen", "actor", GEN, impl, greedy, ("packed_prompts",), ROLLOUT_KEYS),
+        cfg.node("eval_rew", "rew", EVAL, "reward", interface_args(reward), (IDS, "prompt_mask")),
+    ]
 
 
 def ref_node(cfg: ExperimentConfig, impl: str, args: dict) -> MFCDef:

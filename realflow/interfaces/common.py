@@ -264,12 +264,39 @@ def train_minibatches(
     return {**mean_stats(ran), "n_skipped_minibatches": float(skipped)}
 
 
+def evaluate_loss(
+    model: Model,
+    data: SequenceSample,
+    mb_spec: MicroBatchSpec,
+    loss_fn: Callable[[torch.nn.Module, SequenceSample], tuple[torch.Tensor, dict[str, float]]],
+    loss_weight_fn: Callable[[SequenceSample], float],
+    interface: str,
+) -> dict[str, float]:
+    """A training loss and its stats under the current weights, without a gradient: the same
+    micro-batch weighting as training, so the result is the mean over the whole batch. `weight`
+    is that batch's total weight (the evaluation averages batches with it)."""
+    engine = engine_of(model, interface)
+    mbs = split_micro_batches(data, mb_spec)
+    weights = [float(loss_weight_fn(mb)) for mb in mbs]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"{interface} evaluate: the batch (ids {data.ids}) has nothing to score")
+    out: dict[str, float] = {}
+    for mb, w in zip(mbs, weights):
+        loss, stats = engine.forward_no_grad(lambda m, mb=mb: loss_fn(m, mb))
+        for k, v in {"loss": float(loss), **stats}.items():
+            out[k] = out.get(k, 0.0) + w / total * float(v)
+    return {**out, "weight": total}
+
+
 def save_hf_dir(model: Model, save_dir: str) -> None:
-    """Write the role's module (and tokenizer) as an HF directory."""
+    """Write the trained role's full weights, in the engine's save dtype, (and tokenizer) as an
+    HF directory."""
     from realflow.models.hf_io import save_hf
 
-    engine = engine_of(model, "save")
-    save_hf(engine.module, save_dir, tokenizer=model.tokenizer)
+    engine = train_engine_of(model, "save")
+    weights = engine.module_state_dict()
+    save_hf(engine.module, save_dir, model.tokenizer, engine.save_dtype, state_dict=weights)
 
 
 # ---- generation ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import DPO_LOSSES, INTERFACES
 from realflow.interfaces.common import (
     IDS,
+    evaluate_loss,
     loss_scale_T1,
     map_micro_batches,
     one_per_seq,
@@ -99,6 +100,14 @@ class DPOInterface(ModelInterface):
         pairs_per_sample(data)
         n_pairs = lambda mb: float(sum(pairs_per_sample(mb)))  # noqa: E731
         return engine.train_batch(split_micro_batches(data, mb_spec), self.loss_of, n_pairs)
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """The DPO loss, reward accuracy and margins of the pairs under the current weights."""
+        pairs_per_sample(data)
+        n_pairs = lambda mb: float(sum(pairs_per_sample(mb)))  # noqa: E731
+        return evaluate_loss(model, data, mb_spec, self.loss_of, n_pairs, "dpo")
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

@@ -392,9 +392,7 @@ class PPOCriticInterface(ModelInterface):
             engine, sample, self.args.ppo_n_minibatches, mb_spec, self.loss, n_loss_tokens
         )
         # Reward and KL statistics are the actor's to report; the critic adds its own.
-        own = {
-            k: batch.stats[k] for k in ("returns/mean", "values/mean", "values/explained_var")
-        }
+        own = {k: batch.stats[k] for k in ("returns/mean", "values/mean", "values/explained_var")}
         return {**own, **stats}
 
     def save(self, model: Model, save_dir: str) -> None:

@@ -71,6 +71,19 @@ class RewardInterface(ModelInterface):
             for name, scorer in zip(self.names, self.scorers)
         }
 
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """`reward/mean` and `reward/std` of the weighted score, and each scorer's mean."""
+        components = self.score_components(model, data, mb_spec)
+        total = torch.zeros(len(data.flat_seqlens(IDS)))
+        for w, scores in zip(self.weights, components.values()):
+            total += w * torch.tensor(scores, dtype=torch.float32)
+        stats = {"reward/mean": float(total.mean()), "reward/std": float(total.std(correction=0))}
+        for name, scores in components.items():
+            stats[f"reward/{name}/mean"] = sum(scores) / len(scores)
+        return stats
+
     def inference(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> SequenceSample:

@@ -17,6 +17,7 @@ from realflow.api.dfg import MicroBatchSpec
 from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES, RW_LOSSES
 from realflow.interfaces.common import (
+    evaluate_loss,
     map_micro_batches,
     one_per_seq,
     output_sample,
@@ -92,6 +93,13 @@ class PairedRewardInterface(ModelInterface):
     ) -> SequenceSample:
         rewards = map_micro_batches(model, data, mb_spec, sequence_scores, "paired_rw")
         return output_sample(data, {"rewards": rewards}, {"rewards": one_per_seq(data)})
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """The pairwise loss, accuracy (chosen scored above rejected) and margins."""
+        pairs_per_sample(data)
+        return evaluate_loss(model, data, mb_spec, self.loss_of, lambda mb: mb.bs, "paired_rw")
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

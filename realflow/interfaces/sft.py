@@ -15,6 +15,7 @@ from realflow.api.dfg import MicroBatchSpec
 from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES, SFT_LOSSES
 from realflow.interfaces.common import (
+    evaluate_loss,
     loss_scale_T1,
     map_micro_batches,
     output_sample,
@@ -76,6 +77,14 @@ class SFTInterface(ModelInterface):
     ) -> SequenceSample:
         logprobs = map_micro_batches(model, data, mb_spec, token_logprobs, "sft")
         return output_sample(data, {"logprobs": logprobs}, {"logprobs": shifted_seqlens(data)})
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        """The loss of the batch (`loss`; the answer-token NLL by default), `nll` and the
+        perplexity of the NLL."""
+        stats = evaluate_loss(model, data, mb_spec, self.loss_of, n_trained_tokens, "sft")
+        return {**stats, "ppl": math.exp(min(stats["nll"], 50.0))}
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

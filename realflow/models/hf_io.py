@@ -128,6 +128,19 @@ def read_hf_state_dict(path: str | os.PathLike) -> StateDict:
     )
 
 
+def stored_dtype(hf: dict, sd: StateDict) -> torch.dtype:
+    """The dtype of a checkpoint: config.json's `dtype` (or `torch_dtype`), else that of most of
+    its floating tensors, else float32."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name:
+        return _resolve_dtype(name, hf)
+    counts: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict) -> torch.dtype:
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -150,10 +163,10 @@ def load_hf(
 ) -> LoadedHF:
     """A PackedTransformer (and the tokenizer, when the directory has one) from an HF directory.
 
-    `dtype` defaults to the checkpoint's dtype (float32 when unrecorded). Head parameters the
-    checkpoint lacks (a critic loaded from an actor) are an error unless `head_init_seed` is
-    given, which initialises them deterministically. `config_overrides` set run options such as
-    `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
+    `dtype` defaults to the checkpoint's dtype (config.json's, else that of its tensors). Head
+    parameters the checkpoint lacks (a critic loaded from an actor) are an error unless
+    `head_init_seed` is given, which initialises them deterministically. `config_overrides` set
+    run options such as `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
     """
     check_head(head)
     hf = read_hf_config(path)
@@ -161,8 +174,9 @@ def load_hf(
     config = family.config_from_hf(hf)
     if config_overrides:
         config = config.replace(**config_overrides)
-    dtype = _resolve_dtype(dtype, hf)
-    sd = family.state_dict_from_hf(read_hf_state_dict(path), config, head)
+    stored = read_hf_state_dict(path)
+    dtype = stored_dtype(hf, stored) if dtype is None else _resolve_dtype(dtype, hf)
+    sd = family.state_dict_from_hf(stored, config, head)
     model = _build_with_state(config, head, sd, dtype, torch.device(device), head_init_seed, path)
     tokenizer = load_tokenizer_if_present(path) if load_tokenizer else None
     logger.info(
@@ -275,8 +289,14 @@ def save_hf(
     tokenizer: Any | None = None,
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    state_dict: StateDict | None = None,
 ) -> Path:
     """Write `model` (and `tokenizer`) as an HF directory at `path`; returns the path.
+
+    `state_dict` (realflow names) gives the weights to write instead of the module's own: a
+    train engine's full fp32 master weights, e.g. under deepspeed ZeRO-3, whose module holds
+    empty partitions. Its names and shapes must be those of the model's config. `dtype`
+    defaults to that of the weights written.
 
     Everything is written into a temporary sibling directory first and renamed into place, so a
     failure never leaves half a checkpoint. An existing HF checkpoint (or empty directory) at
@@ -294,13 +314,14 @@ def save_hf(
         )
     path = Path(path)
     _check_target(path)
-    params = dict(model.named_parameters())
-    dtype = _resolve_dtype(
-        dtype, {"dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")}
-    )
+    sd = {
+        k: v.detach() for k, v in (model.state_dict() if state_dict is None else state_dict).items()
+    }
+    _check_shapes(model, sd)
+    first_param = next(name for name, _ in model.named_parameters())
+    dtype = _resolve_dtype(dtype, {"dtype": str(sd[first_param].dtype).removeprefix("torch.")})
     family = family_for_config(model.config)
     hf_config = hf_config_for(model, dtype, tokenizer)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf_sd = family.state_dict_to_hf(sd, model.config, model.head)
     bad = [k for k, v in hf_sd.items() if not v.is_floating_point()]
     if bad:
@@ -326,6 +347,34 @@ def save_hf(
         raise
     logger.info("saved %s (head=%s, %s) to %s", family.name, model.head, dtype, path)
     return path
+
+
+def _check_shapes(model: PackedTransformer, sd: StateDict) -> None:
+    """The weights must have the names and shapes the model's config gives (an empty ZeRO-3
+    partition, shape (0,), is the usual culprit)."""
+    with torch.device("meta"):
+        expected = PackedTransformer(model.config, model.head).state_dict()
+    bad = {
+        k: (tuple(sd[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    }
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if bad or missing or extra:
+        raise ValueError(
+            "cannot save weights that do not match the model config: "
+            + "; ".join(
+                [f"{k} has shape {got}, config says {want}" for k, (got, want) in bad.items()][:5]
+                + ([f"missing {missing[:5]}"] if missing else [])
+                + ([f"unexpected {extra[:5]}"] if extra else [])
+            )
+            + (
+                " (empty shapes: ZeRO-3 partitions; save the engine's gathered weights)"
+                if any(got == (0,) for got, _ in bad.values())
+                else ""
+            )
+        )
 
 
 def _check_target(path: Path) -> None:

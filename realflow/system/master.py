@@ -7,7 +7,7 @@ MFCs still have to read it. An MFC of step t is dispatched when
     train_step of M at step t-1; a train_step of M waits for every other call on M at step t
     and for its own step t-1;
   - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
-  - no checkpoint is due before step t.
+  - no barrier (a checkpoint or an evaluation) is due before step t.
 Keys are freed on every worker that holds them once their last consumer has finished.
 """
 
@@ -74,6 +74,7 @@ class Master:
         data_worker: int,
         mfc_timeout_s: float = 0.0,
         on_call: Callable[[MFCResult], None] | None = None,
+        fetch_payload: Callable[[int], Any] | None = None,
     ):
         self.dfg = dfg
         self.transport = transport
@@ -81,6 +82,8 @@ class Master:
         self.data_worker = data_worker
         self.timeout = mfc_timeout_s or None
         self.on_call = on_call or (lambda r: None)
+        # What FETCH_BATCH of step t asks the data worker for (None: the next training batch).
+        self.fetch_payload = fetch_payload or (lambda step: None)
         self.mfcs = dfg.mfcs
         self.by_name = {m.name: m for m in self.mfcs}
         self.rank = {m.name: i for i, m in enumerate(self.mfcs)}  # dispatch in DFG order
@@ -115,8 +118,9 @@ class Master:
         save: Callable[[int], None],
         stop: Callable[[], bool] | None = None,
     ) -> int:
-        """Run steps first_step..last_step (inclusive). `save(step)` is called with no call in
-        flight after every step for which `save_after(step)` holds. When `stop()` turns true, no
+        """Run steps first_step..last_step (inclusive). `save(step)` (a checkpoint, an
+        evaluation: a barrier) is called with no call in flight after every step for which
+        `save_after(step)` holds; no later step starts before it returns. When `stop()` turns true, no
         new step starts: the steps in flight finish and the run ends after the last of them
         (`self.stopped` is then set). Returns the last step that ran (first_step - 1: none)."""
         self.last_step = last_step
@@ -137,7 +141,8 @@ class Master:
             self._observe_stop(stop, next_fetch)
             if next_fetch <= self.last_step and self._may_fetch(next_fetch, barrier):
                 self.steps[next_fetch] = self._new_step(next_fetch)
-                self._submit(self.data_worker, Kind.FETCH_BATCH, None, next_fetch, None, busy=True)
+                payload = self.fetch_payload(next_fetch)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, payload, next_fetch, None, True)
                 next_fetch += 1
             self._dispatch_ready(barrier)
             if not self.steps and next_fetch > self.last_step:
