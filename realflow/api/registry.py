@@ -176,6 +176,18 @@ CALLBACKS: Registry[Any] = Registry(
     builtin_names=("early_stopping", "target_metric"),
 )
 
+# Losses, by the interface that calls them; each interface documents the signature (see
+# realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+_LOSS_MODULES = ("realflow.interfaces.losses",)
+SFT_LOSSES: Registry[Any] = Registry("sft loss", _LOSS_MODULES, builtin_names=("nll",))
+DPO_LOSSES: Registry[Any] = Registry("dpo loss", _LOSS_MODULES, builtin_names=("ipo", "sigmoid"))
+RW_LOSSES: Registry[Any] = Registry("rw loss", _LOSS_MODULES, builtin_names=("bradley_terry",))
+LOSS_SCALES: Registry[Any] = Registry(
+    "loss scale",
+    ("realflow.data.loss_scale",),
+    builtin_names=("all", "answer", "field", "last_turn", "role_weights"),
+)
+
 ENTRY_POINT_GROUP = "realflow.plugins"
 _loaded_plugins: set[str] = set()
 

@@ -24,6 +24,9 @@ generation and rewards agree on where BOS goes. "What the tokenizer puts before 
 one, nothing for gpt2 and qwen2. So a model trained by realflow sees the ids that plain
 `transformers` gives it for the same prompt, and an exported checkpoint behaves the same there.
 
+Its chat template is `realflow.data.chat.DEFAULT_CHAT_TEMPLATE` (`<role>\\n` + content, EOS after
+assistant messages, `\\n` after every message).
+
 The shipped files in `realflow/data/builtin/tokenizer/` are written by `write_builtin_tokenizer`
 (`python -m realflow.data.tokenizer` regenerates them); a test checks they match the code.
 """
@@ -82,6 +85,8 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
         special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
     )
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -89,6 +94,7 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         model_max_length=_MODEL_MAX_LENGTH,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
 
 
@@ -106,7 +112,10 @@ def write_builtin_tokenizer(out_dir: str | Path) -> Path:
         "unk_token": UNK_TOKEN,
     }
     # "PreTrainedTokenizerFast" loads in transformers 4.x and 5.x alike.
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     config = {
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": _MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,

@@ -108,6 +108,18 @@ class DatasetConfig:
     truncate: bool = field_(False, "Truncate rows over max_length instead of dropping them.")
     skip_bad_rows: bool = field_(False, "Skip (and count) malformed rows instead of failing.")
     shuffle: bool = field_(True, "Shuffle rows each epoch.")
+    args: dict[str, Any] = field_(
+        {},
+        "Keyword arguments of the dataset class: chat_template=<file.jinja or template text> "
+        "for conversations, n_rows / seed for 'builtin:' sources, or your own dataset's.",
+    )
+
+    def validate(self) -> list[str]:
+        owned = {"max_length", "truncate", "skip_bad_rows"} & set(self.args)
+        problems = [f"args.{k}: set dataset.{k} instead" for k in sorted(owned)]
+        for k in sorted({"loss_scale", "loss_scale_args"} & set(self.args)):
+            problems.append(f"args.{k}: set <experiment>.{k} (e.g. sft.{k}) instead")
+        return problems
 
 
 @dataclasses.dataclass
@@ -209,6 +221,20 @@ class ExperimentConfig:
 
     def roles(self) -> dict[str, ModelRole]:
         raise NotImplementedError
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the dataset class, after the path and the tokenizer."""
+        d = self.dataset
+        owned = {"max_length": d.max_length, "truncate": d.truncate}
+        return {**owned, "skip_bad_rows": d.skip_bad_rows, **d.args}
+
+    def build_dataset(self, tokenizer: Any, path: str | None = None) -> Any:
+        """The run's dataset (or, with `path`, another file read the same way, e.g. the eval
+        split): `DATASETS[dataset_type](path or dataset.path, tokenizer, **dataset_kwargs())`."""
+        from realflow.api.registry import DATASETS
+
+        cls = DATASETS.get(self.dataset_type)
+        return cls(path or self.dataset.path, tokenizer, **self.dataset_kwargs())
 
     def mfcs(self) -> list[MFCDef]:
         raise NotImplementedError

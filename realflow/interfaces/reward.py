@@ -71,9 +71,9 @@ class RewardInterface(ModelInterface):
 
     def score_components(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
-    ) -> dict[str, list[list[float]]]:
-        """Each scorer's scores by scorer name: per sequence, one value per answer token (a
-        sequence-level score sits on the last answer token)."""
+    ) -> dict[str, list[Any]]:
+        """Each scorer's scores by scorer name: per sequence a float, or (dense scorers) a list
+        with one value per answer token."""
         if self.needs_model and model.module is None:
             needing = [n for n, s in zip(self.names, self.scorers) if s.needs_model]
             raise ValueError(f"reward scorers {needing} need the weights of role '{model.name}'")
@@ -81,32 +81,29 @@ class RewardInterface(ModelInterface):
         batch = ScoringBatch(
             prompts, answers, per_sequence_metadata(data), data, mb_spec, answer_ids
         )
-        out = {}
+        out: dict[str, list[Any]] = {}
         for name, scorer in zip(self.names, self.scorers):
             scores = scorer.score(batch, model)
             if is_dense(scorer):
                 out[name] = dense_to_tokens(name, scores, batch, model.tokenizer)
             else:
-                out[name] = [
-                    last_token_only(s, len(ids))
-                    for s, ids in zip(check_scores(name, scores, len(answers)), answer_ids)
-                ]
+                out[name] = check_scores(name, scores, len(answers))
         return out
 
-    def _totals(
-        self, components: dict[str, list[list[float]]]
-    ) -> tuple[list[float], list[list[float]]]:
-        """(weighted sequence-level score, weighted per-token dense scores) per sequence."""
-        dense_names = {n for n, s in zip(self.names, self.scorers) if is_dense(s)}
+    def _totals(self, components: dict[str, list[Any]]) -> tuple[list[float], list[list[float]]]:
+        """(weighted sequence-level score, weighted per-answer-token dense scores) per
+        sequence."""
         n = len(next(iter(components.values())))
         seq = [0.0] * n
-        tok: list[list[float]] = [[0.0] * len(components[self.names[0]][i]) for i in range(n)]
-        for name, w in zip(self.names, self.weights):
-            for i, per_token in enumerate(components[name]):
-                if name in dense_names:
-                    tok[i] = [a + w * b for a, b in zip(tok[i], per_token)]
+        tok: list[list[float]] = [[] for _ in range(n)]
+        for name, w, scorer in zip(self.names, self.weights, self.scorers):
+            for i, value in enumerate(components[name]):
+                if not is_dense(scorer):
+                    seq[i] += w * value
+                elif not tok[i]:
+                    tok[i] = [w * v for v in value]
                 else:
-                    seq[i] += w * sum(per_token)
+                    tok[i] = [a + w * v for a, v in zip(tok[i], value)]
         return seq, tok
 
     def evaluate(
@@ -118,8 +115,9 @@ class RewardInterface(ModelInterface):
         seq, tok = self._totals(components)
         total = torch.tensor([s + sum(t) for s, t in zip(seq, tok)], dtype=torch.float32)
         stats = {"reward/mean": float(total.mean()), "reward/std": float(total.std(correction=0))}
-        for name, scores in components.items():
-            stats[f"reward/{name}/mean"] = sum(map(sum, scores)) / len(scores)
+        for name, scorer in zip(self.names, self.scorers):
+            totals = [sum(v) if is_dense(scorer) else v for v in components[name]]
+            stats[f"reward/{name}/mean"] = sum(totals) / len(totals)
         return stats
 
     def inference(
@@ -138,11 +136,6 @@ class RewardInterface(ModelInterface):
 
 def is_dense(scorer: object) -> bool:
     return bool(getattr(scorer, "dense", False))
-
-
-def last_token_only(score: float, n_answer: int) -> list[float]:
-    """A sequence-level score as per-token values: all of it on the last answer token."""
-    return [0.0] * max(0, n_answer - 1) + [score] if n_answer else [score]
 
 
 def dense_to_tokens(

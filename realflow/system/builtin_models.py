@@ -16,7 +16,7 @@ from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-SFT_RECIPE_VERSION = 2  # 2: the built-in tokenizer adds <s> itself (saved tokenizers differ)
+SFT_RECIPE_VERSION = 3  # 2: the built-in tokenizer adds <s> itself; 3: it has a chat template
 # Short on purpose: the default RL runs need a policy that is right only part of the time.
 SFT_STEPS = 100
 
