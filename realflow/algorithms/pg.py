@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from realflow.algorithms.advantages import group_normalized_advantages
 from realflow.algorithms.kl import kl_estimate
 from realflow.algorithms.normalize import masked_whiten
 from realflow.algorithms.packed import (
@@ -44,12 +45,13 @@ def rloo_advantages(
     scores_B: torch.Tensor, group_sizes: Sequence[int] | torch.Tensor
 ) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): each answer's score minus the mean score of the *other*
-    answers to its prompt, ``r_i - (sum_j r_j - r_i) / (k - 1)``: ``adv_B``. Every group needs
-    k >= 2 answers."""
-    sizes, cu, seg = _group_index(scores_B, group_sizes, least=2)
-    x = scores_B.to(torch.promote_types(scores_B.dtype, torch.float32))
-    sum_G = segment_sum(x, cu)
-    return x - (sum_G[seg] - x) / (sizes[seg] - 1)
+    answers to its prompt, ``r_i - (sum_j r_j - r_i) / (k - 1)``: ``adv_B``. That is
+    ``k / (k - 1)`` times the group-centred score, computed so that a group of equal scores gets
+    exactly 0. Every group needs k >= 2 answers."""
+    sizes, _, seg = _group_index(scores_B, group_sizes, least=2)
+    centered = group_normalized_advantages(scores_B, sizes, scale_by_std=False)
+    k = sizes[seg].to(centered.dtype)
+    return centered * k / (k - 1)
 
 
 def batch_scaled_advantages(
@@ -57,11 +59,10 @@ def batch_scaled_advantages(
 ) -> torch.Tensor:
     """Group-centred scores divided by the std of all scores of the batch (TRL's
     ``scale_rewards="batch"``): ``(r_i - mean of r_i's group) / (std over the batch + eps)``,
-    std unbiased (0 for a batch of one)."""
-    _, cu, seg = _group_index(scores_B, group_sizes, least=1)
-    x = scores_B.to(torch.promote_types(scores_B.dtype, torch.float32))
-    sizes = (cu[1:] - cu[:-1]).to(x.dtype)
-    centered = x - (segment_sum(x, cu) / sizes)[seg]
+    std unbiased (0 for a batch of one); a group of equal scores gets exactly 0."""
+    _group_index(scores_B, group_sizes, least=1)
+    centered = group_normalized_advantages(scores_B, group_sizes, scale_by_std=False)
+    x = scores_B.to(centered.dtype)
     std = x.std() if x.numel() > 1 else x.new_zeros(())
     return centered / (std + eps)
 

@@ -15,6 +15,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -30,6 +31,7 @@ from realflow.experiments.ppo import (
     policy_eval_mfcs,
     policy_roles,
     ref_node,
+    reward_keys,
     reward_node,
 )
 
@@ -98,8 +100,8 @@ class CriticFreeConfig(ExperimentConfig):
     """The roles of a critic-free experiment: actor, ref (only when a KL term reads it), rew."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
 
@@ -144,8 +146,9 @@ def actor_gen_node(cfg: ExperimentConfig, impl: str, args: dict[str, Any]) -> MF
 def actor_train_node(
     cfg: ExperimentConfig, impl: str, args: dict[str, Any], with_ref: bool
 ) -> MFCDef:
-    """actor_train: the policy step on the rollout, its rewards and (with_ref) ref log-probs."""
-    inputs = (*ROLLOUT_KEYS, "rewards", *(("ref_logprobs",) if with_ref else ()))
+    """actor_train: the policy step on the rollout, its rewards (and dense_rewards with a
+    process-reward scorer) and (with_ref) ref log-probs."""
+    inputs = (*ROLLOUT_KEYS, *reward_keys(cfg), *(("ref_logprobs",) if with_ref else ()))
     return cfg.node("actor_train", "actor", TRAIN, impl, args, inputs)
 
 

@@ -13,7 +13,7 @@ wrote it; the train step reports how far behind the weights it trains those samp
     ref_inf     (inference)  packed_input_ids -> logprobs (remapped to ref_logprobs); only when a
                              KL term needs it
     actor_train (train_step) packed_input_ids, prompt_mask, logprobs, no_eos_mask, rewards
-                             [, ref_logprobs] -> stats
+                             [, dense_rewards] [, ref_logprobs] -> stats
 """
 
 from __future__ import annotations
@@ -195,10 +195,14 @@ class CriticFreeActor(ModelInterface):
         return loss, stats
 
     def scores(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-        """The shaped score of each sequence, `score_B` (scaled, EOS-gated, overlong-penalised),
-        and statistics of the raw and shaped scores and the answers."""
+        """The shaped score of each sequence, `score_B` (rewards plus the sum of its
+        dense_rewards, scaled, EOS-gated, overlong-penalised), and statistics of the raw and
+        shaped scores and the answers."""
         a = self.args
         score_B = data.data["rewards"].float()
+        if "dense_rewards" in data.keys:  # process rewards count toward the sequence's score
+            cu1_B1 = shifted_cu_seqlens(data.cu_seqlens(IDS))
+            score_B = score_B + segment_sum(data.data["dense_rewards"].float(), cu1_B1)
         no_eos_B = data.data["no_eos_mask"].bool()
         shaped_B = process_scores(
             score_B, no_eos_B, a.reward_output_scaling,

@@ -21,7 +21,7 @@ import torch
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import DATASETS, INTERFACES, METRICS, load_plugins
+from realflow.api.registry import INTERFACES, METRICS, load_plugins
 from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -197,14 +197,7 @@ class ModelWorker:
             from realflow.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer("builtin")
-        d = cfg.dataset
-        return DATASETS.get(cfg.dataset_type)(
-            path,
-            tokenizer,
-            max_length=d.max_length,
-            truncate=d.truncate,
-            skip_bad_rows=d.skip_bad_rows,
-        )
+        return cfg.build_dataset(tokenizer, path)
 
     def _eval_batches(self) -> int:
         if self.eval_loader is None:
@@ -227,6 +220,13 @@ class ModelWorker:
                 self._eval_iter = iter(self.eval_loader.epoch_batches(0))
             batch = next(self._eval_iter)
             batch = dataclasses.replace(batch, ids=[("eval", i) for i in batch.ids])
+        missing = set(self.spec.config.dataset_keys) - batch.keys
+        if missing:
+            raise ValueError(
+                f"the dataset ({self.spec.config.dataset_type}) gave samples without keys "
+                f"{sorted(missing)} that the graph reads from it (dataset_keys "
+                f"{list(self.spec.config.dataset_keys)}); make the dataset write them"
+            )
         self._put(batch)
         return batch.meta()
 

@@ -39,9 +39,9 @@ def test_defaults_are_valid_and_the_graph_builds(exp):
     roles = cfg.roles()
     assert {m.model_name for m in dfg.mfcs} == set(roles)  # every role is used, no other model
     assert all(m.n_seqs == cfg.n_seqs for m in dfg.mfcs)
-    assert dfg.dataset_keys == frozenset(cls.dataset_keys)
+    assert dfg.dataset_keys == frozenset(cfg.dataset_keys)
     read = {k for m in dfg.mfcs for k in m.input_keys}
-    assert set(cls.dataset_keys) <= read  # the dataset's keys are all used
+    assert set(cfg.dataset_keys) <= read  # the dataset's keys are all used
     trained = {m.model_name for m in dfg.mfcs if m.interface_type is InterfaceType.TRAIN_STEP}
     assert trained and trained <= set(roles)
     assert to_dict(cfg)["n_seqs"] == cfg.n_seqs
@@ -95,7 +95,7 @@ def test_ref_outputs_are_remapped_so_they_do_not_clash_with_the_actor():
         ("grpo", ["grpo.loss_type=bnpo"], "grpo.loss_type: 'bnpo' is not one of 'dapo', 'grpo', 'dr_grpo'"),
         ("grpo", ["grpo.scale_rewards=std"], "grpo.scale_rewards: 'std' is not one of 'group', 'batch', 'none'"),
         ("dpo", ["dpo.label_smoothing=0.5"], "dpo.label_smoothing (0.5) must be < 0.5"),
-        ("dpo", ["dpo.loss_type=ipoo"], "dpo.loss_type: 'ipoo' is not one of 'sigmoid', 'ipo'; did you mean 'ipo'?"),
+        ("dpo", ["dpo.loss=ipoo"], "dpo.loss: unknown dpo loss 'ipoo'. Known: ipo, sigmoid. Did you mean 'ipo'?"),
         ("sft", ["allocation.critic=0"], "allocation: unknown role 'critic'; roles are actor"),
         ("ppo", ["allocation.actor=-1"], "allocation.actor: worker index (-1) must be >= 0"),
         ("ppo", ["reward.weights=[1,2]"], "reward.weights: 2 weights for 1 scorers ['task']"),

@@ -148,3 +148,35 @@ def test_reinforce_pp(tokenizer, split):
     make = lambda: policy_iface("reinforce_pp", "reinforce_pp_actor", loss_type="dr_grpo")  # noqa: E731
     data = rl_batch(tokenizer, [1] * 12, make(), seed=6)
     assert_same_weights(tokenizer, "lm", make, data, split)
+
+
+# ---- per-token loss scales -------------------------------------------------------------------------
+
+
+def with_loss_scale(data: SequenceSample, seed: int) -> SequenceSample:
+    """`data` plus `loss_scale`: 0 on the prompt, weights in [0, 2) on answer tokens, a fifth of
+    them 0, so the micro-batches' shares of trained tokens differ from their answer tokens'."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_T = data.data["prompt_mask"]
+    w_T = torch.rand(prompt_T.shape, generator=g) * 2
+    w_T[(torch.rand(prompt_T.shape, generator=g) < 0.2) | prompt_T] = 0.0
+    lens = [list(x) for x in data.seqlens["packed_input_ids"]]
+    data.update_(
+        SequenceSample(ids=data.ids, seqlens={"loss_scale": lens}, data={"loss_scale": w_T})
+    )
+    return data
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_sft_with_loss_scale(tokenizer, split):
+    data = with_loss_scale(grouped_batch(tokenizer, [1] * 6, seed=5), seed=5)
+    assert_same_weights(tokenizer, "lm", INTERFACES.get("sft"), data, split)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_dpo_with_loss_scale(tokenizer, split):
+    data = with_loss_scale(grouped_batch(tokenizer, [2, 4, 2, 2, 6, 2], seed=6), seed=6)
+    ref = inference_model(tokenizer, seed=1)
+    make = lambda: INTERFACES.get("dpo")(beta=0.5)  # noqa: E731
+    data.update_(make().inference(ref, data, NO_LIMIT).remap_keys({"seqlogp": "ref_seqlogp"}))
+    assert_same_weights(tokenizer, "lm", make, data, split)
