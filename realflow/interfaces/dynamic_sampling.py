@@ -3,8 +3,9 @@ loop (see realflow.api.dfg.FilterLoop and docs/runtime.md).
 
 inference reads `rewards` (one score per answer, a sample's answers being one prompt's group)
 and returns the samples whose group scores are not all equal: a group of equal scores has zero
-group-normalised advantage and teaches nothing. It writes no keys; the master counts what it
-kept (`dyn_filter/qualified`, `/rounds`, ...).
+group-normalised advantage and teaches nothing. Only the outcome scores count, as DAPO filters
+on accuracy: process rewards (`dense_rewards`) do not make a group pass. It writes no keys; the
+master counts what it kept (`dyn_filter/qualified`, `/rounds`, ...).
 """
 
 from __future__ import annotations
