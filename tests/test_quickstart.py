@@ -127,12 +127,12 @@ def test_worker_indices_with_gaps_run_like_the_default_allocation(tmp_path):
 def test_unknown_experiment_lists_the_registered_ones_and_the_closest():
     err = user_error("ppoo", "--dry-run")
     assert "unknown experiment 'ppoo'. Did you mean 'ppo'?" in err
-    assert "dpo, grpo, ppo, rw, sft" in err
+    assert "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
 
 
 def test_no_experiment_lists_them_too():
     err = user_error("--dry-run", "n_seqs=3")
-    assert "name an experiment" in err and "dpo, grpo, ppo, rw, sft" in err
+    assert "name an experiment" in err and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
 
 
 def test_unknown_option():
@@ -198,7 +198,7 @@ def test_help_lists_fields_with_type_default_and_doc():
 
 def test_general_help_lists_experiments():
     proc = run_cli("--help")
-    assert proc.returncode == 0 and "dpo, grpo, ppo, rw, sft" in proc.stdout
+    assert proc.returncode == 0 and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in proc.stdout
 
 
 # ---- runs ------------------------------------------------------------------------------------
