@@ -210,6 +210,7 @@ def run_trl(workload: str, fixtures: str, steps: int, warmup: int, out_dir: str)
         output_dir=out_dir, max_steps=warmup + steps, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
         disable_tqdm=True, seed=0, dataloader_num_workers=0, gradient_checkpointing=False,
+        bf16=False, fp16=False,  # TRL defaults to bf16 autocast, which on CPU is neither fp32 nor fast
     )  # fmt: skip
     if workload == "grpo":
         from trl import GRPOConfig, GRPOTrainer
