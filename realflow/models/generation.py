@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -134,6 +135,62 @@ def sample_tokens(
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
+class DecodeStep(Protocol):
+    """How one forward + sampling step runs: on one device (`LocalDecodeStep`) or across
+    tensor / pipeline-parallel ranks (realflow.parallel.generate)."""
+
+    def logits(
+        self,
+        ids_T: torch.Tensor,
+        seqs: PackedSeqs,
+        position_ids_T: torch.Tensor,
+        cache: KVCache,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Next-token logits `logits_BV` of `rows` of the hidden states (all rows when None);
+        None on a rank that does not sample."""
+        ...
+
+    def pick(
+        self, logits_BV: torch.Tensor | None, step: int, stop_ids: torch.Tensor, n_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens_B, logprobs_B) of new step `step` for the `n_rows` active rows, the same on
+        every rank."""
+        ...
+
+
+class LocalDecodeStep:
+    """The whole model on one device."""
+
+    def __init__(
+        self,
+        model: PackedTransformer,
+        gconfig: GenerationConfig,
+        generator: torch.Generator | None,
+    ):
+        self.model, self.gconfig, self.generator = model, gconfig, generator
+
+    def logits(self, ids_T, seqs, position_ids_T, cache, rows):
+        h = self.model.hidden_states(ids_T, seqs, position_ids_T, cache=cache)
+        return self.model.lm_head(h if rows is None else h[rows])
+
+    def pick(self, logits_BV, step, stop_ids, n_rows):
+        return pick_tokens(logits_BV, step, stop_ids, self.gconfig, self.generator)
+
+
+def pick_tokens(
+    logits_BV: torch.Tensor,
+    step: int,
+    stop_ids: torch.Tensor,
+    gconfig: GenerationConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens`, with stop tokens banned before `min_new_tokens`."""
+    if step < gconfig.min_new_tokens and stop_ids.numel():
+        logits_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
+    return sample_tokens(logits_BV, gconfig, generator)
+
+
 @torch.no_grad()
 def generate(
     model: PackedTransformer,
@@ -141,8 +198,12 @@ def generate(
     cu_seqlens_B1: torch.Tensor,
     gconfig: GenerationConfig,
     generator: torch.Generator | None = None,
+    step: DecodeStep | None = None,
 ) -> GenerationOutput:
-    """Continue every packed prompt; see the module docstring. Deterministic under `generator`."""
+    """Continue every packed prompt; see the module docstring. Deterministic under `generator`.
+
+    `step` runs the forward and sampling (default: `LocalDecodeStep`, the whole model here);
+    realflow.parallel.generate passes one that spans tensor / pipeline-parallel ranks."""
     if model.head != "lm":
         raise ValueError(f"generate needs a model with head 'lm', got {model.head!r}")
     cfg = model.config
@@ -159,15 +220,15 @@ def generate(
         sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long
     )
     b = len(seqs.seqlens)
-    cache = KVCache(
-        cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device
-    )
+    n_layers, n_kv, head_dim = model.kv_cache_dims()
+    cache = KVCache(n_layers, b, n_kv, head_dim, max_len, _cache_dtype(model), device)
+    step = LocalDecodeStep(model, gconfig, generator) if step is None else step
     was_training = model.training
     model.eval()
     try:
         with model.autocast():
             tokens_BN, logprobs_BN, lens_B, stopped_B = _decode_loop(
-                model, input_ids_T, seqs, cache, gconfig, stop_ids, generator
+                step, input_ids_T, seqs, cache, gconfig, stop_ids
             )
     finally:
         model.train(was_training)
@@ -186,10 +247,10 @@ def generate(
 def _cache_dtype(model: PackedTransformer) -> torch.dtype:
     if model.config.autocast_dtype is not None:
         return getattr(torch, model.config.autocast_dtype)
-    return model.embed_tokens.weight.dtype
+    return next(model.parameters()).dtype
 
 
-def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
+def _decode_loop(step: DecodeStep, input_ids_T, seqs, cache, gconfig, stop_ids):
     """Prefill, then one batched step per new token over the active rows only.
 
     Returns tokens_BN, logprobs_BN (N = max_new_tokens, valid up to lens_B), lens_B, stopped_B.
@@ -203,20 +264,19 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
 
     positions_T = seqs.position_ids_T()
     cache.start_prefill(seqs, positions_T)
-    h_TD = model.hidden_states(input_ids_T, seqs, positions_T, cache=cache)
-    logits_BV = model.lm_head(h_TD[seqs.cu_seqlens_B1[1:].long() - 1])
+    logits_BV = step.logits(
+        input_ids_T, seqs, positions_T, cache, seqs.cu_seqlens_B1[1:].long() - 1
+    )
     active_B = torch.arange(b, device=device)  # original index of each active row
     step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
-    for step in range(n_new):
-        if step < gconfig.min_new_tokens and stop_ids.numel():
-            logits_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
-        tok_B, logp_B = sample_tokens(logits_BV, gconfig, generator)
-        tokens_BN[active_B, step] = tok_B
-        logprobs_BN[active_B, step] = logp_B
+    for i in range(n_new):
+        tok_B, logp_B = step.pick(logits_BV, i, stop_ids, active_B.numel())
+        tokens_BN[active_B, i] = tok_B
+        logprobs_BN[active_B, i] = logp_B
         lens_B[active_B] += 1
         is_stop_B = torch.isin(tok_B, stop_ids)
         stopped_B[active_B] = is_stop_B
-        if step + 1 == n_new:
+        if i + 1 == n_new:
             break
         if bool(is_stop_B.any()):
             keep = (~is_stop_B).nonzero().squeeze(-1)
@@ -228,7 +288,6 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator):
         if n_act != len(step_seqs.seqlens):
             step_seqs = PackedSeqs(step_seqs.cu_seqlens_B1[: n_act + 1], [1] * n_act, 1)
         positions_B = cache.start_decode_step()
-        h_BD = model.hidden_states(tok_B, step_seqs, positions_B, cache=cache)
+        logits_BV = step.logits(tok_B, step_seqs, positions_B, cache, None)
         cache.end_decode_step()
-        logits_BV = model.lm_head(h_BD)
     return tokens_BN, logprobs_BN, lens_B, stopped_B
