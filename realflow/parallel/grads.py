@@ -26,7 +26,9 @@ def _copies(model: PackedTransformer) -> dict[tuple, int]:
     counts: Counter = Counter()
     for stage in range(spec.pp_size):
         for tp_rank in range(spec.tp_size):
-            for s in slots_for(model.config, model.head, spec.tp_size, spec.pp_size, tp_rank, stage):
+            for s in slots_for(
+                model.config, model.head, spec.tp_size, spec.pp_size, tp_rank, stage
+            ):
                 counts[(s.key, s.rect)] += 1
     return counts
 

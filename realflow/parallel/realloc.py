@@ -118,6 +118,27 @@ def _coalesce(src: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor):
     return src[starts], dst[starts], merged
 
 
+def _pick_source(
+    holders: list[tuple[int, Slot]], src: Mesh, dst: Mesh, worker: int, k: int, n_slots: int
+) -> tuple[int, Slot]:
+    """Which of the source workers holding one block sends it to `worker` (for its k-th of
+    `n_slots` parameters): the worker itself; else, when both layouts split the model alike, a
+    holder at the same (tp, pp) coordinates, whose buffer is laid out like the destination's so
+    the pieces merge into long intervals (with more source than destination replicas, each
+    destination takes consecutive parameters from each replica in turn); else the holders in
+    turn."""
+    for h in holders:
+        if h[0] == worker:
+            return h
+    c = dst.coords(worker)
+    if (src.layout.tp, src.layout.pp) == (dst.layout.tp, dst.layout.pp):
+        alike = [h for h in holders if src.coords(h[0])[1:] == (c.tp, c.pp)]
+        if alike:
+            share = k * len(alike) // n_slots if src.layout.dp > dst.layout.dp else 0
+            return alike[(c.dp + share) % len(alike)]
+    return holders[(dst.workers.index(worker) + k) % len(holders)]
+
+
 def plan_realloc(config: TransformerConfig, head: str, src: Mesh, dst: Mesh) -> ReallocPlan:
     """The transfers that rebuild `dst`'s shards from `src`'s (deterministic: every worker can
     compute it alone). `head` is the model's head ("lm", "critic", "reward")."""
@@ -129,15 +150,14 @@ def plan_realloc(config: TransformerConfig, head: str, src: Mesh, dst: Mesh) -> 
         for s in src_slots[w]:
             holders[s.key].setdefault(s.rect, []).append((w, s))
     pieces: dict[tuple[int, int], list] = defaultdict(list)
-    for j, w in enumerate(dst.workers):
+    for w in dst.workers:
         for k, d in enumerate(dst_slots[w]):
             covered = 0
             for rect, hs in holders[d.key].items():
                 part = rect.intersect(d.rect)
                 if part is None:
                     continue
-                own = [i for i, (r, _) in enumerate(hs) if r == w]
-                src_w, s = hs[own[0] if own else (j + k) % len(hs)]
+                src_w, s = _pick_source(hs, src, dst, w, k, len(dst_slots[w]))
                 pieces[(src_w, w)].append(_intervals(s, d, part))
                 covered += part.numel
             if covered != d.numel:
