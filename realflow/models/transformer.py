@@ -55,7 +55,13 @@ class PackedTransformer(nn.Module):
     `parameter_groups`.
     """
 
-    def __init__(self, config: TransformerConfig, head: str = "lm", shard: ShardSpec | None = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        head: str = "lm",
+        shard: ShardSpec | None = None,
+        init_weights: bool = True,
+    ):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head {head!r} is unknown; choose one of {HEADS}")
@@ -74,9 +80,12 @@ class PackedTransformer(nn.Module):
         self.embed_positions: nn.Embedding | None = None
         self.vocab_shard: VocabShard | None = None  # set for an LM head under tensor parallel
         if first:
-            self.embed_tokens = self._vocab_embedding(tp)
+            self.embed_tokens = self._vocab_embedding(tp, init_weights)
             if cfg.position == "learned":
-                self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                n_pos = cfg.max_position_embeddings
+                self.embed_positions = nn.Embedding(
+                    n_pos, cfg.hidden_size, _weight=_uninit(n_pos, cfg.hidden_size, init_weights)
+                )
         self.rotary = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if shard is None or shard.pp_size == 1:
             self.layers = nn.ModuleList(Block(cfg, i, shard) for i in range(cfg.n_layers))
@@ -98,15 +107,18 @@ class PackedTransformer(nn.Module):
         elif last:
             bias = cfg.critic_head_bias if head == "critic" else False
             self.score = nn.Linear(cfg.hidden_size, 1, bias=bias)
-        self.apply(self._init_weights)
+        if init_weights:  # False: shapes only (a meta-device build, or weights loaded next)
+            self.apply(self._init_weights)
         self.tie_weights()
 
-    def _vocab_embedding(self, tp: ShardSpec | None) -> nn.Embedding:
+    def _vocab_embedding(self, tp: ShardSpec | None, init: bool) -> nn.Embedding:
         cfg = self.config
         if tp is None:
-            return nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            weight = _uninit(cfg.vocab_size, cfg.hidden_size, init)
+            return nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         v0, v1 = vocab_range(cfg.vocab_size, tp.tp_size, tp.tp_rank)
-        return VocabParallelEmbedding(v0, v1, cfg.hidden_size, tp.tp_group)
+        weight = _uninit(v1 - v0, cfg.hidden_size, init)
+        return VocabParallelEmbedding(v0, v1, cfg.hidden_size, tp.tp_group, _weight=weight)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -247,6 +259,12 @@ class PackedTransformer(nn.Module):
     def _params(self, names: list[str]) -> dict[str, nn.Parameter]:
         everything = dict(self.named_parameters(remove_duplicate=False))
         return {n: everything[n] for n in names}
+
+
+def _uninit(rows: int, cols: int, init: bool) -> torch.Tensor | None:
+    """An uninitialised embedding weight when `init` is False (nn.Embedding then skips its own
+    normal_ init, which is very slow on the meta device), else None."""
+    return None if init else torch.empty(rows, cols)
 
 
 def check_packed(

@@ -40,21 +40,21 @@ class Slot:
         return self.rect.numel
 
 
-def _config_key(config: TransformerConfig) -> str:
+def config_key(config: TransformerConfig) -> str:
     return json.dumps(asdict(config), sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=64)
-def _full_shapes(config_key: str, head: str) -> dict[str, tuple[int, ...]]:
-    config = TransformerConfig(**json.loads(config_key))
+def _full_shapes(key: str, head: str) -> dict[str, tuple[int, ...]]:
+    config = TransformerConfig(**json.loads(key))
     with torch.device("meta"):
-        model = PackedTransformer(config, head)
+        model = PackedTransformer(config, head, init_weights=False)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def full_param_shapes(config: TransformerConfig, head: str) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of every parameter of the whole model (a tied head is one)."""
-    return _full_shapes(_config_key(config), head)
+    return _full_shapes(config_key(config), head)
 
 
 def _slots(model: PackedTransformer) -> list[Slot]:
@@ -81,11 +81,12 @@ def param_slots(model: nn.Module) -> list[Slot]:
 
 
 @functools.lru_cache(maxsize=256)
-def _slots_cached(config_key: str, head: str, tp: int, pp: int, tp_rank: int, stage: int):
-    config = TransformerConfig(**json.loads(config_key))
+def cached_slots(key: str, head: str, tp: int, pp: int, tp_rank: int, stage: int) -> tuple:
+    """`slots_for` keyed by `config_key(config)` (cached)."""
+    config = TransformerConfig(**json.loads(key))
     spec = ShardSpec(tp_rank=tp_rank, tp_size=tp, pp_stage=stage, pp_size=pp)
     with torch.device("meta"):
-        model = PackedTransformer(config, head, spec)
+        model = PackedTransformer(config, head, spec, init_weights=False)
     return tuple(_slots(model))
 
 
@@ -93,7 +94,7 @@ def slots_for(
     config: TransformerConfig, head: str, tp: int, pp: int, tp_rank: int, pp_stage: int
 ) -> list[Slot]:
     """The slots a worker at (tp_rank, pp_stage) of a tp x pp layout holds (built on meta)."""
-    return list(_slots_cached(_config_key(config), head, tp, pp, tp_rank, pp_stage))
+    return list(cached_slots(config_key(config), head, tp, pp, tp_rank, pp_stage))
 
 
 class FlatParams:

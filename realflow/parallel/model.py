@@ -90,7 +90,7 @@ def gather_full_model(
     full, full_flat = None, None
     if rank == to_rank:
         with torch.device("meta"):
-            full = PackedTransformer(config, head)
+            full = PackedTransformer(config, head, init_weights=False)
         full = full.to_empty(device=flat.device if flat is not None else "cpu").to(dtype)
         full.tie_weights()
         full_flat = FlatParams(full)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from realflow.models.config import TransformerConfig
 from realflow.parallel import ops
-from realflow.parallel.flat import FlatParams, Slot, slots_for
+from realflow.parallel.flat import FlatParams, Slot, cached_slots, config_key
 from realflow.parallel.layout import Mesh
 from realflow.parallel.partition import Rect, check_layout
 
@@ -87,11 +87,11 @@ class ReallocPlan:
 
 
 def _mesh_slots(config: TransformerConfig, head: str, mesh: Mesh) -> dict[int, list[Slot]]:
-    lay = mesh.layout
+    lay, key = mesh.layout, config_key(config)
     out = {}
     for w in mesh.workers:
         c = mesh.coords(w)
-        out[w] = slots_for(config, head, lay.tp, lay.pp, c.tp, c.pp)
+        out[w] = list(cached_slots(key, head, lay.tp, lay.pp, c.tp, c.pp))
     return out
 
 

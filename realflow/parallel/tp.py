@@ -116,8 +116,15 @@ class VocabParallelEmbedding(nn.Embedding):
     """Rows [vocab_start, vocab_stop) of the embedding; ids outside give 0, then the tp group
     sums, so every rank gets the full embedding of every token."""
 
-    def __init__(self, vocab_start: int, vocab_stop: int, dim: int, group: Any):
-        super().__init__(vocab_stop - vocab_start, dim)
+    def __init__(
+        self,
+        vocab_start: int,
+        vocab_stop: int,
+        dim: int,
+        group: Any,
+        _weight: torch.Tensor | None = None,
+    ):
+        super().__init__(vocab_stop - vocab_start, dim, _weight=_weight)
         self.vocab_start, self.vocab_stop, self.group = vocab_start, vocab_stop, group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
