@@ -32,14 +32,20 @@ def _extensions():
     class OptionalBuildExt(BuildExtension):
         """A failed compile leaves the extension out instead of failing the install."""
 
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as e:  # noqa: BLE001 - any compiler failure means "no extension"
-                print(
-                    f"realflow: building {ext.name} failed ({e}); using the torch fallback",
-                    file=sys.stderr,
-                )
+        def build_extensions(self):
+            built = []
+            for ext in list(self.extensions):
+                self.extensions = [ext]
+                try:
+                    super().build_extensions()
+                    built.append(ext)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: no extension
+                    print(
+                        f"realflow: building {ext.name} failed ({e}); realflow will use the "
+                        "pure-torch fallback",
+                        file=sys.stderr,
+                    )
+            self.extensions = built  # editable installs copy only what was built
 
     args = {"cxx": ["-O3"]}
     if torch.version.cuda is not None and CUDA_HOME is not None:

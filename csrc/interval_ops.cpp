@@ -7,15 +7,18 @@
 // CUDA tensors (built WITH_CUDA): one kernel launch, see interval_ops_cuda.cu.
 // Python wrapper and pure-torch fallback: realflow/parallel/ops.py.
 
-#include <torch/extension.h>
-
+// Only the headers used (not torch/extension.h): the build takes a quarter of the time.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #ifdef WITH_CUDA
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAStream.h>
 extern "C" void realflow_copy_intervals_cuda(const void* src, void* dst, const int64_t* src_off,
                                              const int64_t* dst_off, const int64_t* len,
@@ -33,15 +36,15 @@ struct Piece {
   int64_t nbytes;
 };
 
-void check_args(const torch::Tensor& dst, const torch::Tensor& dst_offsets,
-                const torch::Tensor& src, const torch::Tensor& src_offsets,
-                const torch::Tensor& lengths) {
+void check_args(const at::Tensor& dst, const at::Tensor& dst_offsets,
+                const at::Tensor& src, const at::Tensor& src_offsets,
+                const at::Tensor& lengths) {
   TORCH_CHECK(dst.dim() == 1 && dst.is_contiguous(), "dst must be a contiguous 1-D tensor");
   TORCH_CHECK(src.dim() == 1 && src.is_contiguous(), "src must be a contiguous 1-D tensor");
   TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "src and dst must share a dtype");
   TORCH_CHECK(dst.device() == src.device(), "src and dst must be on one device");
   for (const auto* t : {&dst_offsets, &src_offsets, &lengths}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->dim() == 1 &&
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 &&
                     t->is_contiguous(),
                 "offsets and lengths must be contiguous int64 1-D CPU tensors");
   }
@@ -86,8 +89,8 @@ void copy_cpu(char* dst, const char* src, const int64_t* d, const int64_t* s, co
 
 }  // namespace
 
-void copy_intervals(torch::Tensor dst, torch::Tensor dst_offsets, torch::Tensor src,
-                    torch::Tensor src_offsets, torch::Tensor lengths) {
+void copy_intervals(at::Tensor dst, at::Tensor dst_offsets, at::Tensor src,
+                    at::Tensor src_offsets, at::Tensor lengths) {
   check_args(dst, dst_offsets, src, src_offsets, lengths);
   const int64_t n = lengths.numel();
   if (n == 0) return;
@@ -102,9 +105,10 @@ void copy_intervals(torch::Tensor dst, torch::Tensor dst_offsets, torch::Tensor 
   TORCH_CHECK(dst.device().is_cuda(), "copy_intervals supports CPU and CUDA tensors");
   TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8,
               "the CUDA kernel copies elements of 1, 2, 4 or 8 bytes, got ", elem);
-  const int64_t max_len = lengths.max().item<int64_t>();
-  auto opts = torch::TensorOptions().dtype(torch::kInt64).device(dst.device());
-  auto table = torch::stack({src_offsets, dst_offsets, lengths}).to(opts);
+  const int64_t* l = lengths.data_ptr<int64_t>();
+  const int64_t max_len = *std::max_element(l, l + n);
+  auto opts = at::TensorOptions().dtype(at::kLong).device(dst.device());
+  auto table = at::stack({src_offsets, dst_offsets, lengths}).to(opts);
   realflow_copy_intervals_cuda(src.data_ptr(), dst.data_ptr(), table[0].data_ptr<int64_t>(),
                                table[1].data_ptr<int64_t>(), table[2].data_ptr<int64_t>(), n,
                                max_len, static_cast<int>(elem),
