@@ -75,16 +75,19 @@ def slowest(seconds: float) -> float:
     return float(t)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median over `repeats` of the slowest worker's time of fn() (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
+def timed(fns: list, repeats: int) -> list[float]:
+    """Median over `repeats` of the slowest worker's time of each of `fns` (after one warm-up
+    each); the functions take turns, so a change of machine load hits them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(slowest(time.perf_counter() - start))
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            out.append(slowest(time.perf_counter() - start))
+    return [statistics.median(t) for t in times]
 
 
 def raw_same(plan: ReallocPlan, rank: int, dtype: torch.dtype):
@@ -94,7 +97,9 @@ def raw_same(plan: ReallocPlan, rank: int, dtype: torch.dtype):
 
     def run():
         p2p = [
-            dist.P2POp(dist.isend if t.src == rank else dist.irecv, b, t.dst if t.src == rank else t.src)
+            dist.P2POp(
+                dist.isend if t.src == rank else dist.irecv, b, t.dst if t.src == rank else t.src
+            )
             for t, b in zip(msgs, bufs)
         ]
         for w in dist.batch_isend_irecv(p2p) if p2p else []:
@@ -115,6 +120,23 @@ def raw_p2p(numel: int, rank: int, dtype: torch.dtype):
     return run
 
 
+def measure(config: TransformerConfig, a: str, b: str, rank: int, repeats: int) -> tuple:
+    """(moved bytes, realloc B/s, raw same B/s, raw p2p B/s) of one pair of meshes."""
+    src, dst = Mesh.parse(a), Mesh.parse(b)
+    plan = plan_realloc(config, "lm", src, dst)
+    s_flat, d_flat = shard(config, src, rank), shard(config, dst, rank)
+    moved = plan.remote_numel() * 4
+    t_realloc, t_same, t_p2p = timed(
+        [
+            lambda: execute_realloc(plan, s_flat, d_flat),
+            raw_same(plan, rank, torch.float32),
+            raw_p2p(plan.remote_numel(), rank, torch.float32),
+        ],
+        repeats,
+    )
+    return moved, moved / t_realloc, moved / t_same, moved / t_p2p
+
+
 def _worker(rank: int, world: int, port: int, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -124,17 +146,8 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     config = model_config(args)
     rows = []
     for a, b in PAIRS:
-        src, dst = Mesh.parse(a), Mesh.parse(b)
-        if max(src.workers + dst.workers) >= world:
-            continue
-        plan = plan_realloc(config, "lm", src, dst)
-        s_flat, d_flat = shard(config, src, rank), shard(config, dst, rank)
-        moved = plan.remote_numel() * 4
-        t_realloc = timed(lambda: execute_realloc(plan, s_flat, d_flat), args.repeats)
-        t_same = timed(raw_same(plan, rank, torch.float32), args.repeats)
-        t_p2p = timed(raw_p2p(plan.remote_numel(), rank, torch.float32), args.repeats)
-        rows.append((a, b, moved, moved / t_realloc, moved / t_same, moved / t_p2p))
-        del s_flat, d_flat
+        if max(Mesh.parse(a).workers + Mesh.parse(b).workers) < world:
+            rows.append((a, b, *measure(config, a, b, rank, args.repeats)))
     if rank == 0:
         print_table(args, rows)
     dist.barrier()
@@ -147,15 +160,34 @@ def print_table(args, rows) -> None:
         f"model: llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} (fp32); "
         f"world {args.world} (gloo); interval ops: {ext}; median of {args.repeats}"
     )
-    print(
-        "| from | to | moved MB | realloc GB/s | raw same GB/s | raw p2p GB/s | % same | % p2p |"
-    )
+    print("| from | to | moved MB | realloc GB/s | raw same GB/s | raw p2p GB/s | % same | % p2p |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for a, b, moved, r, same, p2p in rows:
         print(
             f"| {a} | {b} | {moved / 1e6:.0f} | {r / 1e9:.2f} | {same / 1e9:.2f} | "
             f"{p2p / 1e9:.2f} | {100 * r / same:.0f}% | {100 * r / p2p:.0f}% |"
         )
+
+
+def bench_interval_ops(config: TransformerConfig, repeats: int) -> None:
+    """Packing speed of one realloc message (the one with the most intervals) per implementation."""
+    plan = plan_realloc(config, "lm", Mesh.parse("d1t2p1@0-1"), Mesh.parse("d1t1p2@2-3"))
+    t = max(plan.transfers, key=lambda t: t.lengths.numel())
+    src = torch.randn(plan.src_numel[t.src])
+    out = torch.empty(t.numel)
+    packed = torch.cumsum(t.lengths, 0) - t.lengths
+    impls = {"torch fallback": ops.torch_copy_intervals}
+    if ops.extension() is not None:
+        impls["csrc"] = ops.extension().copy_intervals
+    print(f"packing one message: {t.lengths.numel()} intervals, {t.numel * 4 / 1e6:.0f} MB")
+    for name, fn in impls.items():
+        fn(out, packed, src, t.src_offsets, t.lengths)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(out, packed, src, t.src_offsets, t.lengths)
+            times.append(time.perf_counter() - start)
+        print(f"  {name}: {t.numel * 4 / statistics.median(times) / 1e9:.2f} GB/s")
 
 
 def main() -> None:
@@ -169,6 +201,8 @@ def main() -> None:
     args = p.parse_args()
     if args.ops == "torch":
         os.environ["REALFLOW_INTERVAL_OPS"] = "torch"
+    torch.set_num_threads(1)
+    bench_interval_ops(model_config(args), args.repeats)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

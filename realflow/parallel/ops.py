@@ -24,9 +24,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Below this many intervals the fallback copies slice by slice; above, it builds an index.
-_FEW_INTERVALS = 64
-
 
 @functools.cache
 def extension() -> ModuleType | None:
@@ -67,11 +64,23 @@ def _packed_offsets(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(lengths, 0) - lengths
 
 
-def _index(offsets: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every element index covered by the intervals, in order."""
-    total = int(lengths.sum())
-    shift = torch.repeat_interleave(offsets - _packed_offsets(lengths), lengths)
-    return (shift + torch.arange(total, dtype=torch.int64)).to(device)
+def _regular_runs(d_off: torch.Tensor, s_off: torch.Tensor, lengths: torch.Tensor) -> list:
+    """Split the interval list into runs of equal length whose offsets advance by a constant
+    stride on both sides: [(first, count, length, src stride, dst stride)]."""
+    n = lengths.numel()
+    brk = torch.ones(n, dtype=torch.bool)
+    if n > 2:
+        ds, dd = s_off.diff(), d_off.diff()
+        brk[1:] = lengths[1:] != lengths[:-1]
+        brk[2:] |= (ds[1:] != ds[:-1]) | (dd[1:] != dd[:-1])
+    starts = brk.nonzero().squeeze(1).tolist() + [n]
+    s_list, d_list, l_list = s_off.tolist(), d_off.tolist(), lengths.tolist()
+    runs = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        ss = s_list[a + 1] - s_list[a] if b - a > 1 else 0
+        sd = d_list[a + 1] - d_list[a] if b - a > 1 else 0
+        runs.append((a, b - a, l_list[a], ss, sd))
+    return runs
 
 
 def torch_copy_intervals(
@@ -81,14 +90,17 @@ def torch_copy_intervals(
     src_offsets: torch.Tensor,
     lengths: torch.Tensor,
 ) -> None:
-    """The pure-torch `copy_intervals` (no checks)."""
-    if lengths.numel() <= _FEW_INTERVALS:
-        for d, s, n in zip(dst_offsets.tolist(), src_offsets.tolist(), lengths.tolist()):
-            dst.narrow(0, d, n).copy_(src.narrow(0, s, n))
-        return
-    s_idx = _index(src_offsets, lengths, src.device)
-    d_idx = _index(dst_offsets, lengths, dst.device)
-    dst.index_copy_(0, d_idx, src.index_select(0, s_idx).to(dst.device))
+    """The pure-torch `copy_intervals` (no checks): one strided copy per run of regularly
+    spaced equal intervals (the rows of a column block), else one slice copy per interval."""
+    d_list, s_list = dst_offsets.tolist(), src_offsets.tolist()
+    for a, count, n, ss, sd in _regular_runs(dst_offsets, src_offsets, lengths):
+        if count > 1 and ss >= 0 and sd >= n:
+            d_view = dst.as_strided((count, n), (sd, 1), dst.storage_offset() + d_list[a])
+            s_view = src.as_strided((count, n), (ss, 1), src.storage_offset() + s_list[a])
+            d_view.copy_(s_view)
+            continue
+        for i in range(a, a + count):
+            dst.narrow(0, d_list[i], n).copy_(src.narrow(0, s_list[i], n))
 
 
 def copy_intervals(

@@ -62,6 +62,12 @@ class ReallocPlan:
     src_numel: dict[int, int]
     dst_numel: dict[int, int]
     _by_rank: dict[int, list[Transfer]] = field(default_factory=dict, repr=False)
+    # This process's messages and staging buffers, reused by the next run (release_staging).
+    staging: dict = field(default_factory=dict, repr=False)
+
+    def release_staging(self) -> None:
+        """Free what the executor kept with the plan for its next run."""
+        self.staging.clear()
 
     def involving(self, rank: int) -> list[Transfer]:
         if not self._by_rank:
@@ -177,13 +183,19 @@ def plan_realloc(config: TransformerConfig, head: str, src: Mesh, dst: Mesh) -> 
 
 @dataclass
 class ReallocStats:
-    """What one worker moved: elements sent / received to / from other workers, copied
-    locally, and the wall time of its part."""
+    """What one worker moved: bytes sent / received to / from other workers, copied locally,
+    and the wall time of its part."""
 
     sent_bytes: int = 0
     recv_bytes: int = 0
     local_bytes: int = 0
     seconds: float = 0.0
+
+
+# Messages are cut into pieces of at most this many elements, so packing the next piece, the
+# transfer of this one and unpacking the previous one overlap.
+CHUNK_NUMEL = 1 << 22
+SEND_SLOTS = 3  # pieces being packed or sent at once by one worker (gloo)
 
 
 def _check_flat(plan: ReallocPlan, rank: int, flat: FlatParams | None, which: str) -> None:
@@ -200,6 +212,46 @@ def _check_flat(plan: ReallocPlan, rank: int, flat: FlatParams | None, which: st
         )
 
 
+def _cut(t: Transfer, chunk: int) -> list[Transfer]:
+    """`t` cut into consecutive pieces of at most `chunk` elements (intervals cut at the
+    boundaries)."""
+    total = t.numel
+    if total <= chunk:
+        return [t]
+    ends = torch.cumsum(t.lengths, 0)
+    starts = ends - t.lengths
+    pieces = []
+    for lo in range(0, total, chunk):
+        hi = min(lo + chunk, total)
+        i0 = int(torch.searchsorted(ends, lo, right=True))
+        i1 = int(torch.searchsorted(starts, hi, right=False))
+        a = torch.clamp(starts[i0:i1], min=lo)  # the part of each interval inside [lo, hi)
+        b = torch.clamp(ends[i0:i1], max=hi)
+        skip = a - starts[i0:i1]
+        pieces.append(
+            Transfer(t.src, t.dst, t.src_offsets[i0:i1] + skip, t.dst_offsets[i0:i1] + skip, b - a)
+        )
+    return pieces
+
+
+def split_transfer(t: Transfer, chunk: int, big: int | None = None) -> list[Transfer]:
+    """The messages of transfer `t`, in order: an interval of at least `big` elements (default
+    chunk / 16) travels alone, straight from the source buffer into the destination buffer;
+    runs of smaller ones are packed together in messages of at most `chunk` elements. The same
+    on the sending and the receiving side."""
+    big = max(1, chunk // 16) if big is None else big
+    is_big = (t.lengths >= big).tolist()
+    pieces, i, n = [], 0, len(is_big)
+    while i < n:
+        j = i + 1
+        while j < n and is_big[j] == is_big[i] and not is_big[i]:
+            j += 1
+        part = Transfer(t.src, t.dst, t.src_offsets[i:j], t.dst_offsets[i:j], t.lengths[i:j])
+        pieces += [part] if is_big[i] else _cut(part, chunk)
+        i = j
+    return pieces
+
+
 def execute_realloc(
     plan: ReallocPlan,
     src: FlatParams | None,
@@ -208,11 +260,13 @@ def execute_realloc(
     group: Any = None,
     release_src: bool = False,
     wire_dtype: torch.dtype | None = None,
+    chunk_numel: int = CHUNK_NUMEL,
 ) -> ReallocStats:
     """Run this worker's part of `plan`: every worker of the source or destination mesh calls
     it (others may too: they return at once). `src` / `dst` are this worker's shards (None when
     it is not in that mesh); a released `dst` is allocated first. `release_src=True` frees the
-    source shard afterwards (a copy no longer needed; keep the training copy).
+    source shard afterwards (a copy no longer needed; keep the training copy). `group` is the
+    workers' process group (default: the world); worker ids are global ranks.
 
     `wire_dtype` (the same on every worker) is the dtype sent: needed when source and
     destination dtypes differ (e.g. bfloat16 from an fp32 training copy to a bf16 generation
@@ -226,37 +280,133 @@ def execute_realloc(
             "(the same on every worker)"
         )
     start = time.perf_counter()
-    stats = ReallocStats()
     if dst is not None and rank in plan.dst:
         dst.allocate()
     mine = plan.involving(rank)
-    p2p, unpack = [], []
-    for t in mine:
-        if t.src == t.dst:
-            continue
-        if t.src == rank:
-            buf = _pack(src.buffer, t.src_offsets, t.lengths, wire_dtype or src.dtype)
-            p2p.append(dist.P2POp(dist.isend, buf, t.dst, group=group))
-            stats.sent_bytes += buf.numel() * buf.element_size()
-        else:
-            buf, direct = _recv_buffer(dst, t, wire_dtype or dst.dtype)
-            p2p.append(dist.P2POp(dist.irecv, buf, t.src, group=group))
-            stats.recv_bytes += buf.numel() * buf.element_size()
-            if not direct:
-                unpack.append((t, buf))
-    works = dist.batch_isend_irecv(p2p) if p2p else []
-    for t in mine:  # local copies while the messages are in flight
-        if t.src == t.dst == rank:
-            _copy_local(src, dst, t, wire_dtype or src.dtype)
-            stats.local_bytes += t.numel * dst.buffer.element_size()
-    for w in works:
-        w.wait()
-    for t, buf in unpack:
-        ops.scatter_intervals(dst.buffer, t.dst_offsets, t.lengths, buf.to(dst.dtype))
+    sends, recvs = _messages(plan, rank, chunk_numel)
+    wire_in = wire_dtype or (dst.dtype if dst is not None else None)
+    wire_out = wire_dtype or (src.dtype if src is not None else None)
+    local = [t for t in mine if t.src == t.dst == rank]
+    stats = ReallocStats()
+    exchange = _exchange_pipelined if dist.get_backend(group) == "gloo" else _exchange_batched
+    exchange(plan, sends, recvs, local, src, dst, wire_out, wire_in, group, stats)
     if release_src and src is not None and src is not dst:
         src.release()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _messages(plan: ReallocPlan, rank: int, chunk: int) -> tuple[list, list]:
+    """This worker's outgoing and incoming messages (cached with the plan)."""
+    key = ("messages", rank, chunk)
+    if key not in plan.staging:
+        mine = plan.involving(rank)
+        plan.staging[key] = (
+            [p for t in mine if t.src == rank != t.dst for p in split_transfer(t, chunk)],
+            [p for t in mine if t.dst == rank != t.src for p in split_transfer(t, chunk)],
+        )
+    return plan.staging[key]
+
+
+def _tags(pieces: list[Transfer]) -> list[int]:
+    """A tag per piece: its index among the pieces of the same (src, dst) pair."""
+    seen: dict[tuple[int, int], int] = defaultdict(int)
+    tags = []
+    for p in pieces:
+        tags.append(seen[(p.src, p.dst)])
+        seen[(p.src, p.dst)] += 1
+    return tags
+
+
+def _staging(plan: ReallocPlan, kind: str, numel: int, dtype, device) -> torch.Tensor:
+    """A buffer kept with the plan for its next run: fresh memory costs a page fault per page
+    on CPU, which made packing several times slower than the copy itself."""
+    key = (kind, dtype, str(device))
+    buf = plan.staging.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = plan.staging[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+def _exchange_pipelined(plan, sends, recvs, local, src, dst, wire_out, wire_in, group, stats):
+    """gloo: every receive is posted first; each piece is sent as soon as it is packed (into
+    one of SEND_SLOTS reused buffers); received pieces are unpacked in order while later ones
+    still arrive."""
+    posted, off = [], 0
+    staged_in = sum(p.numel for p in recvs if not _direct_recv(p, dst, wire_in))
+    stage_in = _staging(plan, "recv", staged_in, wire_in, dst.device) if staged_in else None
+    for p, tag in zip(recvs, _tags(recvs)):
+        if _direct_recv(p, dst, wire_in):
+            buf, direct = dst.buffer.narrow(0, int(p.dst_offsets[0]), p.numel), True
+        else:
+            buf, direct = stage_in.narrow(0, off, p.numel), False
+            off += p.numel
+        posted.append((dist.irecv(buf, p.src, group=group, tag=tag), p, buf, direct))
+        stats.recv_bytes += buf.numel() * buf.element_size()
+    width = max((p.numel for p in sends), default=0)
+    ring = _staging(plan, "send", SEND_SLOTS * width, wire_out, src.device) if sends else None
+    slots: list = [None] * SEND_SLOTS
+    sent = []
+    for i, (p, tag) in enumerate(zip(sends, _tags(sends))):
+        if p.lengths.numel() == 1 and wire_out == src.dtype:  # one interval: send it in place
+            buf = src.buffer.narrow(0, int(p.src_offsets[0]), p.numel)
+            sent.append(dist.isend(buf, p.dst, group=group, tag=tag))
+        else:
+            k = i % SEND_SLOTS
+            if slots[k] is not None:
+                slots[k].wait()  # the slot's previous piece has left (wait once: gloo)
+            buf = ring.narrow(0, k * width, p.numel)
+            _pack_into(buf, src.buffer, p)
+            slots[k] = dist.isend(buf, p.dst, group=group, tag=tag)
+        stats.sent_bytes += buf.numel() * buf.element_size()
+    sent += [w for w in slots if w is not None]
+    _local_copies(local, src, dst, stats, wire_out)
+    for work, p, buf, direct in posted:
+        work.wait()
+        if not direct:
+            ops.scatter_intervals(dst.buffer, p.dst_offsets, p.lengths, buf.to(dst.dtype))
+    for work in sent:
+        work.wait()
+
+
+def _direct_recv(p: Transfer, dst: FlatParams, wire: torch.dtype) -> bool:
+    return p.lengths.numel() == 1 and wire == dst.dtype
+
+
+def _pack_into(out: torch.Tensor, src: torch.Tensor, p: Transfer) -> None:
+    if out.dtype == src.dtype:
+        ops.copy_intervals(
+            out, torch.cumsum(p.lengths, 0) - p.lengths, src, p.src_offsets, p.lengths
+        )
+    else:
+        out.copy_(ops.gather_intervals(src, p.src_offsets, p.lengths))
+
+
+def _exchange_batched(plan, sends, recvs, local, src, dst, wire_out, wire_in, group, stats) -> None:
+    """NCCL (and others): every message in one batch_isend_irecv group, as NCCL needs."""
+    p2p, unpack = [], []
+    for p in sends:
+        buf = _pack(src.buffer, p.src_offsets, p.lengths, wire_out)
+        p2p.append(dist.P2POp(dist.isend, buf, p.dst, group=group))
+        stats.sent_bytes += buf.numel() * buf.element_size()
+    for p in recvs:
+        buf, direct = _recv_buffer(dst, p, wire_in)
+        p2p.append(dist.P2POp(dist.irecv, buf, p.src, group=group))
+        stats.recv_bytes += buf.numel() * buf.element_size()
+        if not direct:
+            unpack.append((p, buf))
+    works = dist.batch_isend_irecv(p2p) if p2p else []
+    _local_copies(local, src, dst, stats, wire_out)
+    for work in works:
+        work.wait()
+    for p, buf in unpack:
+        ops.scatter_intervals(dst.buffer, p.dst_offsets, p.lengths, buf.to(dst.dtype))
+
+
+def _local_copies(local: list[Transfer], src, dst, stats: ReallocStats, wire) -> None:
+    for t in local:
+        _copy_local(src, dst, t, wire)
+        stats.local_bytes += t.numel * dst.buffer.element_size()
 
 
 def _pack(

@@ -46,6 +46,24 @@ def test_copy_intervals_matches_a_slice_loop(impl, dtype, count, max_len):
     assert torch.equal(dst, want)
 
 
+@pytest.mark.parametrize("impl", ["torch", "csrc"])
+def test_copy_of_matrix_blocks_matches_a_slice_loop(impl):
+    """Regular runs (the rows of a column block, as realloc plans make) then irregular ones."""
+    if impl not in IMPLS:
+        pytest.skip("csrc extension not built (pip install --no-build-isolation -e .)")
+    src = torch.randn(64 * 48)
+    rows = torch.arange(64)
+    # columns 16..40 of a 64 x 48 matrix into a 64 x 24 block; then every other row of
+    # columns 0..8 into the rows of a second block; then three odd pieces
+    s_off = torch.cat([rows * 48 + 16, rows[::2] * 48, torch.tensor([5, 900, 7])])
+    d_off = torch.cat([rows * 24, 2000 + rows[:32] * 10, torch.tensor([2400, 2300, 2500])])
+    lengths = torch.cat([torch.full((64,), 24), torch.full((32,), 8), torch.tensor([3, 50, 1])])
+    dst = torch.zeros(2600)
+    want = reference_copy(dst, d_off, src, s_off, lengths)
+    IMPLS[impl](dst, d_off, src, s_off, lengths)
+    assert torch.equal(dst, want)
+
+
 def test_dispatching_ops_gather_and_scatter_invert_each_other():
     d_off, s_off, lengths = random_intervals(1000, 200 * 24, 200, 20, seed=1)
     buf = torch.randn(200 * 24)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 CONFIG = tiny_config("qwen2", n_kv_heads=1)
 LAYOUTS = ["d1t1p1", "d2t1p1", "d1t2p1", "d1t1p2", "d2t2p1", "d1t2p2"]
 WORLD = 4
+CHUNK = 20_000  # elements per message piece (a shard here is ~30k-200k elements)
 
 
 def placed(layout: str, shift: int) -> Mesh:
@@ -58,7 +59,9 @@ def _pairs_worker(rank: int, world: int) -> None:
         s_flat, d_flat = flat_of(s_model), flat_of(d_model)
         if d_flat is not None:
             d_flat.release()  # the destination copy starts with no storage
-        execute_realloc(plan_realloc(CONFIG, "lm", src, dst), s_flat, d_flat, release_src=True)
+        plan = plan_realloc(CONFIG, "lm", src, dst)
+        # small pieces: every message is cut in several (the pipelined path)
+        execute_realloc(plan, s_flat, d_flat, release_src=True, chunk_numel=CHUNK)
         if d_model is not None:
             assert_holds(d_model, full_sd, f"{src} -> {dst}")
         if s_flat is not None and s_flat is not d_flat:

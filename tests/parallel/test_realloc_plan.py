@@ -14,7 +14,7 @@ from realflow.parallel.flat import FlatParams
 from realflow.parallel.layout import Layout, Mesh
 from realflow.parallel.model import load_full_state_dict
 from realflow.parallel.partition import ShardSpec
-from realflow.parallel.realloc import plan_realloc
+from realflow.parallel.realloc import Transfer, plan_realloc, split_transfer
 
 # qwen2: tied embedding (two copies under pp), 2 kv heads (replicated at tp=4), vocab 101.
 CONFIG = tiny_config("qwen2")
@@ -85,3 +85,26 @@ def test_a_destination_that_holds_the_data_copies_locally():
 def test_a_layout_the_model_cannot_take_is_refused():
     with pytest.raises(ValueError, match=r"tp \(3\) must divide n_heads \(4\)"):
         plan_realloc(CONFIG, "lm", Mesh.parse("d1t1p1@0"), Mesh.parse("d1t3p1@0-2"))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_split_transfer_keeps_every_element_in_order(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    lengths = torch.randint(1, 40, (30,), generator=g)
+    src = torch.randint(0, 10_000, (30,), generator=g)
+    dst = torch.cumsum(lengths, 0) - lengths + 5
+    t = Transfer(0, 1, src, dst, lengths)
+
+    def elements(x: Transfer):
+        s = [o + i for o, n in zip(x.src_offsets.tolist(), x.lengths.tolist()) for i in range(n)]
+        d = [o + i for o, n in zip(x.dst_offsets.tolist(), x.lengths.tolist()) for i in range(n)]
+        return s, d
+
+    pieces = split_transfer(t, chunk, big=20)
+    assert all(p.numel <= chunk or p.lengths.numel() == 1 for p in pieces)
+    # an interval of >= 20 elements travels alone (no packing); smaller ones are packed together
+    for p in pieces:
+        assert p.lengths.numel() == 1 or int(p.lengths.max()) < 20
+    got = [elements(p) for p in pieces]
+    assert [e for s, _ in got for e in s] == elements(t)[0]
+    assert [e for _, d in got for e in d] == elements(t)[1]
