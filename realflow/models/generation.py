@@ -206,6 +206,11 @@ def generate(
     realflow.parallel.generate passes one that spans tensor / pipeline-parallel ranks."""
     if model.head != "lm":
         raise ValueError(f"generate needs a model with head 'lm', got {model.head!r}")
+    if step is None and model.shard is not None:
+        raise ValueError(
+            f"this model is one shard ({model.shard}) of a parallel layout: generate with "
+            "realflow.parallel.generate.parallel_generate"
+        )
     cfg = model.config
     seqs = check_packed(input_ids_T, cu_seqlens_B1, cfg)
     max_len = seqs.max_seqlen + gconfig.max_new_tokens

@@ -8,13 +8,14 @@ offset of its flat buffer (realflow.parallel.flat). For each destination block t
 intersects it with the source blocks of the same parameter; each intersection becomes intervals
 (source offset, destination offset, length) between one source worker and that destination.
 When several source workers hold the same block (data-parallel replicas, replicated
-parameters), a destination reads it from itself when it can, otherwise the pieces are spread
-over the replicas. Intervals that follow each other in both buffers are merged, so a layout
-change that keeps a shard's layout moves one interval per peer.
+parameters), a destination reads it from itself when it can, else from a replica whose buffer
+is laid out like its own, else from the replicas in turn. Intervals that follow each other in
+both buffers are merged, so moving a layout to other workers is one interval per worker pair.
 
-Executor: one message per (source, destination) pair, sent with p2p (batch_isend_irecv) over
-the workers' process group (gloo on CPU, NCCL on GPU); pieces are gathered / scattered with the
-interval ops of realflow.parallel.ops (csrc/ when built). Copies within a worker are local.
+Executor: p2p over the workers' process group (gloo on CPU, NCCL on GPU). A long interval is a
+message of its own, straight from the source buffer into the destination buffer; runs of short
+ones (the rows of a column block) are packed into bounded messages with the interval ops of
+realflow.parallel.ops (csrc/ when built), pipelined on gloo. Copies within a worker are local.
 """
 
 from __future__ import annotations
@@ -172,13 +173,15 @@ def plan_realloc(config: TransformerConfig, head: str, src: Mesh, dst: Mesh) -> 
     for (s_w, d_w), parts in pieces.items():
         so, do, ln = (torch.cat(x) for x in zip(*parts))
         transfers.append(Transfer(s_w, d_w, *_coalesce(so, do, ln)))
-    return ReallocPlan(
+    plan = ReallocPlan(
         src=src,
         dst=dst,
         transfers=transfers,
         src_numel={w: sum(s.numel for s in src_slots[w]) for w in src.workers},
         dst_numel={w: sum(s.numel for s in dst_slots[w]) for w in dst.workers},
     )
+    logger.debug("%s", plan.describe())
+    return plan
 
 
 @dataclass
