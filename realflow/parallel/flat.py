@@ -101,7 +101,8 @@ class FlatParams:
     """The parameters of one model shard as views into one contiguous 1-D buffer.
 
     The module keeps its Parameter objects (an optimizer built on them stays valid); only their
-    storage moves. All parameters must share one dtype and device.
+    storage moves. All parameters must share one dtype and device; move or cast the module
+    before flattening it (`.to()` afterwards would detach the parameters from the buffer).
     """
 
     def __init__(self, model: nn.Module):
