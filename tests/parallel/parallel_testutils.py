@@ -79,6 +79,19 @@ def packed_batch(lens: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, cu
 
 
+def check_greedy_generation(model, groups, ref, what: str) -> None:
+    """Greedy generation of a sharded model equals the whole model's (tokens; log-probs 1e-5)."""
+    from realflow.models.generation import GenerationConfig, generate
+    from realflow.parallel.generate import parallel_generate
+
+    prompts, cu = packed_batch([3, 6, 2], seed=9)
+    g = GenerationConfig(max_new_tokens=6, greedy=True)
+    want = generate(ref, prompts, cu, g)
+    got = parallel_generate(model, groups, prompts, cu, g)
+    assert torch.equal(got.output_ids_T, want.output_ids_T), what
+    torch.testing.assert_close(got.logprobs_T, want.logprobs_T, rtol=1e-5, atol=1e-5, msg=what)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

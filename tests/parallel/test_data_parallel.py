@@ -6,13 +6,20 @@ one process training on the whole batch:
   - d2t2p1: the TrainEngine (torch backend, dp_group from the mesh) over tensor-parallel shards:
     weights after two optimizer steps;
   - d2t1p2: the 1F1B pipeline with the engine's loss scales, gradients averaged over dp;
-  - d1t2p2: tensor x pipeline parallel in one replica: gradients and their global norm.
+  - d1t2p2: tensor x pipeline parallel in one replica: gradients and their global norm, and
+    greedy generation.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_testutils import VOCAB, reference_model, run_world, tiny_config
+from parallel_testutils import (
+    VOCAB,
+    check_greedy_generation,
+    reference_model,
+    run_world,
+    tiny_config,
+)
 
 from realflow.api.data import SequenceSample
 from realflow.engines import EngineConfig, OptimizerConfig, build_train_engine
@@ -106,6 +113,8 @@ def pipeline_grads(groups: MeshGroups, mbs: list[SequenceSample]) -> PipelineRun
     check_grads(model, want, str(groups.mesh))
     ref_norm = torch.nn.utils.get_total_norm(list(want.values()))
     assert grad_norm(model, groups) == pytest.approx(float(ref_norm), rel=1e-5)
+    if groups.mesh.layout.dp == 1:
+        check_greedy_generation(model, groups, ref, f"{groups.mesh} generate")
     return runner
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from parallel_testutils import (
     HF_CASES,
+    check_greedy_generation,
     packed_batch,
     reference_model,
     registered_families,
@@ -17,8 +18,6 @@ from parallel_testutils import (
     tiny_config,
 )
 
-from realflow.models.generation import GenerationConfig, generate
-from realflow.parallel.generate import parallel_generate
 from realflow.parallel.grads import grad_norm
 from realflow.parallel.groups import MeshGroups
 from realflow.parallel.layout import Mesh
@@ -63,15 +62,6 @@ def check_grads(model, ref_grads: dict, what: str) -> None:
         torch.testing.assert_close(p.grad, expected[name], **TOL, msg=f"{what}: grad {name}")
 
 
-def check_generation(model, groups, ref, what: str) -> None:
-    prompts, cu = packed_batch([3, 6, 2], seed=9)
-    g = GenerationConfig(max_new_tokens=6, greedy=True)
-    want = generate(ref, prompts, cu, g)
-    got = parallel_generate(model, groups, prompts, cu, g)
-    assert torch.equal(got.output_ids_T, want.output_ids_T), what
-    torch.testing.assert_close(got.logprobs_T, want.logprobs_T, **TOL, msg=what)
-
-
 def tensor_parallel_case(case: str, groups: MeshGroups) -> None:
     cfg = tiny_config(case)
     ref = reference_model(cfg)
@@ -88,7 +78,7 @@ def tensor_parallel_case(case: str, groups: MeshGroups) -> None:
     check_grads(model, ref_grads, f"{case} tp")
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     assert grad_norm(model, groups) == pytest.approx(float(ref_norm), rel=1e-5)
-    check_generation(model, groups, ref, f"{case} tp generate")
+    check_greedy_generation(model, groups, ref, f"{case} tp generate")
 
     critic_ref = reference_model(cfg, head="critic", seed=1)
     critic = build_model(cfg, "critic", groups)
@@ -118,7 +108,7 @@ def pipeline_case(case: str, groups: MeshGroups) -> None:
     check_grads(model, ref_grads, f"{case} pp")
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     assert grad_norm(model, groups) == pytest.approx(float(ref_norm), rel=1e-5)
-    check_generation(model, groups, ref, f"{case} pp generate")
+    check_greedy_generation(model, groups, ref, f"{case} pp generate")
 
 
 def _worker(rank: int, world: int) -> None:
