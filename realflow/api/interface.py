@@ -40,6 +40,9 @@ class ModelInterface:
     - `generate` / `inference` return a SequenceSample with the same ids holding the output keys
       (or None when the call produces no data);
     - `train_step` returns a flat dict of float statistics (logged to metrics.jsonl);
+    - `evaluate` returns a flat dict of float statistics of the batch under the current weights
+      (evaluation graphs; logged under `eval/`), changing nothing; its means are averaged over
+      the eval batches with the optional key `weight` (e.g. the batch's answer tokens);
     - `save` writes the model as an HF directory;
     - `state_dict` / `load_state_dict` hold interface state that must survive a resume (e.g. an
       adaptive KL coefficient).
@@ -59,6 +62,11 @@ class ModelInterface:
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} does not support train_step")
+
+    def evaluate(
+        self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
+    ) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} does not support evaluate")
 
     def save(self, model: Model, save_dir: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support save")

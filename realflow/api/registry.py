@@ -155,7 +155,37 @@ MODEL_FAMILIES: Registry[Any] = Registry("model family", ("realflow.models.famil
 REWARD_SCORERS: Registry[Any] = Registry(
     "reward scorer",
     ("realflow.interfaces.scorers",),
-    builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
+    builtin_names=(
+        "embedding_similarity",
+        "hf_classifier",
+        "model",
+        "python",
+        "task",
+        "task_steps",
+    ),
+)
+# fn(mfc: MFCDef, data: SequenceSample, model: Model) -> dict[str, float], run on the worker
+# after every generate/inference call (see realflow/interfaces/metrics.py).
+METRICS: Registry[Any] = Registry(
+    "metric", ("realflow.interfaces.metrics",), builtin_names=("generation", "scores")
+)
+# Callback classes, run in the driver on run events (see realflow/api/callbacks.py).
+CALLBACKS: Registry[Any] = Registry(
+    "callback",
+    ("realflow.api.callbacks",),
+    builtin_names=("early_stopping", "target_metric"),
+)
+
+# Losses, by the interface that calls them; each interface documents the signature (see
+# realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+_LOSS_MODULES = ("realflow.interfaces.losses",)
+SFT_LOSSES: Registry[Any] = Registry("sft loss", _LOSS_MODULES, builtin_names=("nll",))
+DPO_LOSSES: Registry[Any] = Registry("dpo loss", _LOSS_MODULES, builtin_names=("ipo", "sigmoid"))
+RW_LOSSES: Registry[Any] = Registry("rw loss", _LOSS_MODULES, builtin_names=("bradley_terry",))
+LOSS_SCALES: Registry[Any] = Registry(
+    "loss scale",
+    ("realflow.data.loss_scale",),
+    builtin_names=("all", "answer", "field", "last_turn", "role_weights"),
 )
 
 ENTRY_POINT_GROUP = "realflow.plugins"
@@ -211,6 +241,11 @@ def import_file(path: Path, prefix: str) -> ModuleType:
     sys.modules[name] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+def absolute_plugin_specs(specs: Iterable[str]) -> list[str]:
+    """`specs` with plugin file paths made absolute (workers may run in another directory)."""
+    return [str(Path(s.strip()).resolve()) if _is_file_spec(s.strip()) else s for s in specs]
 
 
 def _is_file_spec(spec: str) -> bool:

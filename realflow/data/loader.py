@@ -90,7 +90,7 @@ class DataLoader:
         order = self._current_order()
         rows = order[self.position : self.position + self.batch_size]
         self.position += len(rows)
-        return SequenceSample.gather([self._sample(r) for r in rows])
+        return SequenceSample.gather([self._sample(r, self.epoch) for r in rows])
 
     def __iter__(self) -> Iterator[SequenceSample]:
         """The remaining batches of the current epoch; the next `next_batch` or `iter` call
@@ -100,17 +100,26 @@ class DataLoader:
         while not self._epoch_exhausted():
             yield self.next_batch()
 
+    def epoch_batches(self, epoch: int = 0) -> Iterator[SequenceSample]:
+        """Every batch of `epoch` in order, leaving the loader's own position alone: the same
+        batches each time (evaluation)."""
+        order = self.epoch_order(epoch)
+        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
+        for i in range(0, stop, self.batch_size):
+            rows = order[i : i + self.batch_size]
+            yield SequenceSample.gather([self._sample(r, epoch) for r in rows])
+
     def _start_next_epoch(self) -> None:
         self.epoch += 1
         self.position = 0
 
-    def _sample(self, row: int) -> SequenceSample:
+    def _sample(self, row: int, epoch: int) -> SequenceSample:
         """The dataset's sample of `row` with a run-unique id (the dataset's object is not changed)."""
         s = self.dataset[row]
         if s.bs != 1:
             raise ValueError(f"dataset[{row}] holds {s.bs} samples; the loader needs exactly 1")
-        metadata = {**s.metadata, "row": [row], "epoch": [self.epoch]}
-        return dataclasses.replace(s, ids=[self.epoch * len(self.dataset) + row], metadata=metadata)
+        metadata = {**s.metadata, "row": [row], "epoch": [epoch]}
+        return dataclasses.replace(s, ids=[epoch * len(self.dataset) + row], metadata=metadata)
 
     # ---- resume ---------------------------------------------------------------------------------
 

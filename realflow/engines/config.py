@@ -15,6 +15,7 @@ from realflow.api.registry import closest
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 BACKENDS = ("torch", "deepspeed")
 ZERO_STAGES = (0, 1, 2, 3)
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _unknown(field: str, value: str, known: tuple[str, ...]) -> str:
@@ -77,13 +78,38 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class EngineConfig:
-    """Which machinery runs a model: plain torch or deepspeed ZeRO, precision, offload."""
+    """Which machinery runs a model: plain torch or deepspeed ZeRO, precision, offload.
+
+    Precision of a trained model. Its master weights and optimizer state are fp32 whatever dtype
+    the weights arrive in (a bf16 checkpoint is upcast, exactly); `bf16` only changes the
+    compute: torch autocasts the fp32 weights per op, deepspeed keeps bf16 copies of the weights
+    next to fp32 masters in its optimizer. Persistent bytes per parameter, with AdamW:
+    - torch: 16 = fp32 weights 4 + fp32 grads 4 + two fp32 moments 8 (bf16 autocast adds
+      transient bf16 copies of the weights during a forward);
+    - deepspeed bf16: 16 to 20 = bf16 weights 2 + fp32 masters 4 + moments 8 + gradients (bf16
+      2, and an fp32 accumulation buffer 4 where the stage keeps one); ZeRO-1 divides the
+      masters and moments by the data-parallel size, ZeRO-2 also the gradients, ZeRO-3 also the
+      weights.
+    `save_dtype` is only the dtype of the saved HF weights; when it is lower than fp32 the fp32
+    masters also go into the engine state (4 more bytes per parameter in the checkpoint), so
+    that a resumed run is exact.
+    """
 
     backend: str = field_("torch", "torch (AdamW in-process) or deepspeed (ZeRO stages 0-3)")
     zero_stage: int = field_(2, "deepspeed ZeRO stage 0, 1, 2 or 3 (deepspeed backend only)")
-    bf16: bool = field_(False, "bf16 mixed precision (torch: autocast; deepspeed: bf16 weights)")
+    bf16: bool = field_(
+        False,
+        "bf16 compute over fp32 master weights (torch: autocast; deepspeed: bf16 weight copies)",
+    )
     offload: bool = field_(
-        False, "move idle weights to CPU between calls (models never trained; no-op on CPU)"
+        False,
+        "move weights (and a trained model's optimizer state) to CPU between calls; "
+        "nothing moves on CPU; not supported with the deepspeed backend",
+    )
+    save_dtype: str = field_(
+        "auto",
+        "dtype of saved weights: auto (the dtype the weights were loaded in), float32, "
+        "bfloat16 or float16",
     )
 
     def validate(self) -> list[str]:
@@ -97,4 +123,18 @@ class EngineConfig:
             errors.append(f"bf16 ({self.bf16!r}) must be true or false")
         if not isinstance(self.offload, bool):
             errors.append(f"offload ({self.offload!r}) must be true or false")
+        if self.save_dtype not in SAVE_DTYPES:
+            errors.append(_unknown("save_dtype", self.save_dtype, SAVE_DTYPES))
         return errors
+
+    def train_problems(self) -> list[str]:
+        """Problems of this config for a model that is trained (on top of `validate()`)."""
+        if self.offload and self.backend == "deepspeed":
+            return [
+                "offload (true) is not supported with backend 'deepspeed': realflow moves a "
+                "trained model's weights and optimizer state itself only for backend 'torch'; "
+                "use backend=torch with offload, or ZeRO-3 (zero_stage=3) to spread the "
+                "weights over ranks (a role that is never trained does not use the backend: "
+                "leave it at torch)"
+            ]
+        return []

@@ -37,6 +37,12 @@ runtime whose models live on subsets of the ranks. Caveats:
   a few helpers (its own checkpointing, MoE, sequence parallel) that realflow does not use;
   several engines with different dp groups in one process are fine for what realflow calls.
 
+Precision. TrainEngine hands over fp32 weights. With bf16, deepspeed casts the module to bf16
+and builds its fp32 master copies from those bf16 values, which would round the masters of an
+fp32 checkpoint: the exact fp32 values are written back into the masters right after
+initialisation. `module_state_dict()` returns the fp32 masters (gathered under ZeRO-3), never
+the bf16 copies or ZeRO-3's empty partitions.
+
 If torch.distributed is not initialised, a single-process world is created (gloo on CPU, nccl
 on CUDA) from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, which default to a free
 local port and rank 0 of 1.
@@ -181,6 +187,7 @@ class DeepSpeedBackend:
         # ZeRO-2/3 reduce-scatter gradients in every backward; ZeRO-0/1 reduce once in step().
         self.collective_backward = self.stage >= 2
         self.clip = optim_cfg.gradient_clipping
+        self.bf16 = engine_cfg.bf16
         self._grad_norm: float | None = None
         config = deepspeed_config(engine_cfg, optim_cfg)
         client_optimizer = make_adamw(module, optim_cfg)
@@ -197,6 +204,8 @@ class DeepSpeedBackend:
                 "deepspeed 0.19 runs world-wide barriers and rank-0 broadcasts in ZeRO-3; "
                 "use zero_stage 0, 1 or 2 for models on a subset of the ranks"
             )
+        # fp32 values that bf16 cannot hold, to restore in the masters after the bf16 cast.
+        exact = _not_bf16_exact(module) if self.bf16 else {}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=client_optimizer,
@@ -207,6 +216,25 @@ class DeepSpeedBackend:
         self.module = self.engine.module
         self.call_module = self.engine
         self.device = self.engine.device
+        self._find_masters()
+        params = dict(self.module.named_parameters())
+        for name, value in exact.items():
+            self._set_master(params[name], value.to(self.device))
+
+    def _find_masters(self) -> None:
+        """Where the fp32 master weights live. ZeRO-1/2/3, and stage 0 with bf16 (deepspeed's
+        unfused optimizer), keep them in the optimizer and its state; stage 0 in fp32 steps the
+        module's own parameters."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer  # BF16_Optimizer included
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        self._zero = isinstance(self.optimizer, ZeROOptimizer)
+        unfused = isinstance(self.optimizer, FP16_UnfusedOptimizer)
+        self.masters_in_state = self._zero or unfused
+        self._unfused_masters: dict[int, torch.Tensor] = {}  # id(param) -> its fp32 master
+        if unfused:
+            for lows, highs in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups):
+                self._unfused_masters.update((id(lp), hp) for lp, hp in zip(lows, highs))
 
     def _clip_hook(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -246,9 +274,7 @@ class DeepSpeedBackend:
                 f"optimizer state of ZeRO stage {state['zero_stage']} cannot load into stage "
                 f"{self.stage}"
             )
-        from deepspeed.runtime.base_optimizer import ZeROOptimizer  # BF16_Optimizer included
-
-        if isinstance(self.optimizer, ZeROOptimizer):
+        if self._zero:
             # fp32 master weights come from the saved state, not the (maybe bf16) module.
             self.optimizer.load_state_dict(
                 [state["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True
@@ -258,11 +284,63 @@ class DeepSpeedBackend:
         self.engine.global_steps = state["global_steps"]
         self.engine.global_samples = state["global_samples"]
 
-    def module_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.stage != 3:
-            return self.module.state_dict()
-        import deepspeed
+    def _master(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The fp32 master of a trainable parameter (full, gathered), or None when the
+        parameter is its own master."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
+        if id(p) in self._unfused_masters:
+            return self._unfused_masters[id(p)]
+        return safe_get_full_fp32_param(p)
+
+    def _set_master(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if id(p) in self._unfused_masters:
+            self._unfused_masters[id(p)].data.copy_(value.reshape(p.shape))
+        else:
+            safe_set_full_fp32_param(p, value)
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights: gathered under ZeRO-3, the fp32 masters (not the bf16 copies)
+        under bf16."""
         params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        with _gathered(params) if self.stage == 3 else contextlib.nullcontext():
+            sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if self.bf16:  # frozen parameters have no master: their bf16 values, upcast
+            for name, p in self.module.named_parameters(remove_duplicate=False):
+                master = self._master(p) if p.requires_grad else None
+                value = sd[name] if master is None else master.detach().clone()
+                sd[name] = value.float().reshape(sd[name].shape)
+        empty = {k: tuple(v.shape) for k, v in sd.items() if v.numel() == 0}
+        if empty:
+            raise EngineError(f"deepspeed returned empty (partitioned) weights: {empty}")
+        return sd
+
+    def move(self, device: torch.device) -> None:
+        raise EngineError(
+            "offload is not supported with the deepspeed backend (EngineConfig.train_problems)"
+        )
+
+    def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.masters_in_state:
+            raise EngineError("deepspeed's optimizer state holds the master weights")
+        self.module.load_state_dict(weights)
+
+
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """ZeRO-3: the full parameters inside the context (read-only)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _not_bf16_exact(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters whose values bf16 rounds."""
+    return {
+        name: p.detach().clone()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+        and p.is_floating_point()
+        and not torch.equal(p.detach().to(torch.bfloat16).to(p.dtype), p.detach())
+    }

@@ -17,6 +17,14 @@ and gradients are averaged over it, so the result is the mean over the global ba
 
 Engines work on any `nn.Module`. Data placement is the caller's: `loss_fn` moves the
 micro-batch to `engine.device`.
+
+Precision (see EngineConfig): a trained module's floating parameters are upcast to fp32 when the
+engine is built (fp32 master weights and optimizer state, whatever dtype they arrived in), and
+`save_dtype` ("auto": the dtype they arrived in) is what the weights are saved as.
+
+Offload (`EngineConfig.offload`, torch backend): `offload()` moves weights, gradients and
+optimizer state to CPU, `onload()` (or the next `train_batch` / `forward_no_grad`) brings them
+back; see realflow/engines/offload.py.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch import nn
 
 from realflow.api.data import SequenceSample
 from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.offload import Offloader, move_train_state
 from realflow.engines.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,33 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's floating parameters (float32 when it has none); a module whose
+    parameters have several floating dtypes is an error."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise EngineError(
+            f"{type(module).__name__} has parameters of several dtypes ({names}); give the "
+            "engine a module whose parameters share one dtype"
+        )
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def upcast_to_fp32(module: nn.Module) -> torch.dtype:
+    """Make the floating parameters fp32 in place (exact from bf16/fp16) and return the dtype
+    they had. Buffers are left as they are."""
+    dtype = parameter_dtype(module)
+    if dtype != torch.float32:
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
+        logger.info(
+            "upcast %s weights from %s to fp32 master weights", type(module).__name__, dtype
+        )
+    return dtype
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -125,6 +161,9 @@ class Backend(Protocol):
     call_module: nn.Module  # what loss_fn and forward_no_grad receive (may wrap `module`)
     device: torch.device
     collective_backward: bool  # whether each backward communicates over the dp group
+    # Whether state_dict() holds the fp32 master weights (deepspeed's ZeRO and bf16 optimizers);
+    # otherwise the module's own parameters are the masters.
+    masters_in_state: bool
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
 
@@ -138,7 +177,17 @@ class Backend(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def module_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 master weights by module state-dict name (gathered under ZeRO-3)."""
+        ...
+
+    def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the master weights (backends with `masters_in_state` False)."""
+        ...
+
+    def move(self, device: torch.device) -> None:
+        """Move weights, gradients and optimizer state to `device` (offload)."""
+        ...
 
 
 class TorchBackend:
@@ -146,6 +195,7 @@ class TorchBackend:
 
     name = "torch"
     collective_backward = False  # gradients are averaged once, in step()
+    masters_in_state = False
 
     def __init__(
         self,
@@ -202,6 +252,12 @@ class TorchBackend:
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
+    def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(weights)  # copies in place: the optimizer keeps its params
+
+    def move(self, device: torch.device) -> None:
+        move_train_state(self.module, self.optimizer, device)
+
 
 # ---- engines -----------------------------------------------------------------------------------
 
@@ -216,13 +272,18 @@ class TrainEngine:
         optim_cfg: OptimizerConfig,
         total_train_steps: int,
         dp_group: Any = None,
+        loaded_dtype: torch.dtype = torch.float32,
     ):
         self.backend = backend
         self.engine_cfg = engine_cfg
         self.optim_cfg = optim_cfg
         self.total_train_steps = total_train_steps
         self.dp_group = dp_group
+        self.loaded_dtype = loaded_dtype  # the dtype the weights arrived in
         self.step = 0
+        self._offloader = Offloader(
+            type(backend.module).__name__, backend.device, engine_cfg.offload, backend.move
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -232,6 +293,18 @@ class TrainEngine:
     @property
     def device(self) -> torch.device:
         return self.backend.device
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype to save the weights in: `engine_cfg.save_dtype`, "auto" being the dtype
+        the weights arrived in."""
+        name = self.engine_cfg.save_dtype
+        return self.loaded_dtype if name == "auto" else getattr(torch, name)
+
+    @property
+    def _state_holds_weights(self) -> bool:
+        """Whether state_dict() must carry the masters: the saved weights cannot restore them."""
+        return self.save_dtype != torch.float32 and not self.backend.masters_in_state
 
     @property
     def lr(self) -> float:
@@ -258,6 +331,7 @@ class TrainEngine:
         total, dp_size, n_passes = self._dp_sync(sum(weights), len(micro_batches))
         if total <= 0:
             raise EngineError(f"loss weights sum to {total} over the dp group; need > 0")
+        self._offloader.onload()
         self.module.train()
         losses, all_stats = [], []
         for i in range(n_passes):
@@ -298,24 +372,28 @@ class TrainEngine:
 
     def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
         """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
+        self._offloader.onload()
         with _eval_mode(self.module), torch.no_grad(), self.backend.autocast():
             return fn(self.backend.call_module)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state, LR schedule position and step counter, for exact resume.
 
-        The weights are not included: save `module_state_dict()` separately and load them into
-        the module *before* building the engine that resumes. The returned tensors are copies.
-        With deepspeed ZeRO and a dp group of several ranks, this is this rank's partition.
+        Save `module_state_dict()` (in `save_dtype`) separately and load it into the module
+        *before* building the engine that resumes. When `save_dtype` cannot hold the fp32
+        master weights and the optimizer state does not hold them either, they are included
+        here under "weights". The returned tensors are copies. With deepspeed ZeRO and a dp
+        group of several ranks, this is this rank's partition.
         """
-        return clone_state(
-            {
-                "backend": self.engine_cfg.backend,
-                "step": self.step,
-                "total_train_steps": self.total_train_steps,
-                "backend_state": self.backend.state_dict(),
-            }
-        )
+        state = {
+            "backend": self.engine_cfg.backend,
+            "step": self.step,
+            "total_train_steps": self.total_train_steps,
+            "backend_state": self.backend.state_dict(),
+        }
+        if self._state_holds_weights:
+            state["weights"] = self.module_state_dict()
+        return clone_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict()` returned (from an engine with the same config)."""
@@ -330,20 +408,29 @@ class TrainEngine:
                 self.total_train_steps,
                 state["total_train_steps"],
             )
+        if "weights" in state:
+            self.backend.load_module_state_dict(state["weights"])
         self.backend.load_state_dict(clone_state(state["backend_state"]))
         self.step = int(state["step"])
 
     def module_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights of the module (gathered under ZeRO-3), for saving."""
+        """The full fp32 master weights of the module (gathered under ZeRO-3), for saving: cast
+        them to `save_dtype`."""
         return self.backend.module_state_dict()
 
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader.offloaded
+
     def offload(self) -> None:
-        """Offloading a trained model's weights and optimizer state is not implemented: no-op."""
-        logger.info("offload of a trained model (%s) is a no-op", type(self.module).__name__)
+        """With `engine_cfg.offload`, move the weights, gradients and optimizer state to CPU
+        until the next call (torch backend; on CPU nothing moves, which is logged once)."""
+        self._offloader.offload()
 
     def onload(self) -> None:
-        """Counterpart of `offload`: no-op."""
-        logger.info("onload of a trained model (%s) is a no-op", type(self.module).__name__)
+        """Move what `offload` moved back to `device` (`train_batch` and `forward_no_grad` do
+        it themselves)."""
+        self._offloader.onload()
 
 
 class InferenceEngine:
@@ -357,35 +444,31 @@ class InferenceEngine:
         self.module = module
         self.engine_cfg = engine_cfg
         self.device = module_device(module)
-        self._offloaded = False
+        self._offloader = Offloader(
+            type(module).__name__,
+            self.device,
+            engine_cfg.offload,
+            lambda device: move_train_state(module, None, device),
+        )
+
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader.offloaded
 
     def forward_no_grad(self, fn: Callable[[nn.Module], T]) -> T:
         """`fn(module)` in eval mode, without grad, under bf16 autocast when enabled."""
-        if self._offloaded:
-            self.onload()
+        self._offloader.onload()
         with _eval_mode(self.module), torch.no_grad():
             with autocast(self.device, self.engine_cfg.bf16):
                 return fn(self.module)
 
     def offload(self) -> None:
-        """Move the weights to CPU until the next call (a logged no-op on CPU or when off)."""
-        if not self.engine_cfg.offload or self.device.type == "cpu":
-            logger.info(
-                "offload of %s is a no-op (device %s)", type(self.module).__name__, self.device
-            )
-            return
-        self.module.to("cpu")
-        self._offloaded = True
+        """Move the weights to CPU until the next call (on CPU nothing moves: logged once)."""
+        self._offloader.offload()
 
     def onload(self) -> None:
         """Move offloaded weights back to the module's device."""
-        if not self._offloaded:
-            logger.info(
-                "onload of %s is a no-op (device %s)", type(self.module).__name__, self.device
-            )
-            return
-        self.module.to(self.device)
-        self._offloaded = False
+        self._offloader.onload()
 
 
 @contextlib.contextmanager
@@ -407,16 +490,18 @@ def build_train_engine(
 ) -> TrainEngine:
     """Build the engine of a trained model.
 
-    `module` holds the initial (or resumed) weights. `dp_group` is the torch.distributed group of
-    the ranks that hold replicas of this model (None: the world, when torch.distributed is
-    initialised; no data parallelism otherwise).
+    `module` holds the initial (or resumed) weights, in any one dtype: they become fp32 masters
+    (see the module docstring) and `save_dtype="auto"` saves them back in it. `dp_group` is the
+    torch.distributed group of the ranks that hold replicas of this model (None: the world, when
+    torch.distributed is initialised; no data parallelism otherwise).
     """
-    problems = [*engine_cfg.validate(), *optim_cfg.validate()]
+    problems = [*engine_cfg.validate(), *engine_cfg.train_problems(), *optim_cfg.validate()]
     if total_train_steps <= 0:
         problems.append(f"total_train_steps ({total_train_steps}) must be positive")
     if problems:
         raise EngineError("invalid engine config: " + "; ".join(problems))
     n_params = sum(p.numel() for p in module.parameters())
+    loaded_dtype = upcast_to_fp32(module)
     backend: Backend
     if engine_cfg.backend == "torch":
         backend = TorchBackend(module, engine_cfg, optim_cfg, dp_group)
@@ -430,4 +515,4 @@ def build_train_engine(
         type(module).__name__,
         n_params,
     )
-    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group)
+    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group, loaded_dtype)

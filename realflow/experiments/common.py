@@ -7,6 +7,7 @@ iteration (`mfcs()`). Register it in `realflow.api.registry.EXPERIMENTS` to run 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from realflow.api.dfg import (
     MicroBatchSpec,
     build_dfg,
 )
-from realflow.engines.config import EngineConfig, OptimizerConfig
+from realflow.engines.config import SAVE_DTYPES, EngineConfig, OptimizerConfig
 
 
 @dataclasses.dataclass
@@ -29,24 +30,63 @@ class ModelConfig:
     path: str = field_(
         "builtin:tiny",
         "An HF model directory, or a built-in model: 'builtin:tiny' (random init) or "
-        "'builtin:<task>-sft' (realflow's own SFT checkpoint on a built-in task, made on first use).",
+        "'builtin:<task>-sft' (realflow's own SFT checkpoint on a built-in task, made on first "
+        "use). Empty: same as actor.path (and actor.tokenizer_path) for roles that read the actor's "
+        "tokens, such as ref and critic (a critic then starts from the actor with a fresh value "
+        "head); a reward model has no default.",
     )
-    tokenizer_path: str = field_("", "Tokenizer directory or 'builtin'; empty: the model's own.")
+    tokenizer_path: str = field_(
+        "",
+        "Tokenizer directory or 'builtin'; empty: the model's own (weightless roles: the actor's).",
+    )
+    check_tokenizer: bool = field_(
+        True,
+        "Refuse to start when this role's tokenizer differs from the actor's (vocabulary, BOS, "
+        "EOS). false: skip that check, for tokenizers whose ids you know mean the same tokens.",
+    )
     init_from_actor: bool = field_(
         False, "Critic/reward roles: start from a causal-LM checkpoint with a fresh value head."
     )
     backend: str = field_("torch", "Training backend.", choices=("torch", "deepspeed"))
     zero_stage: int = field_(2, "deepspeed ZeRO stage (backend=deepspeed).", choices=(0, 1, 2, 3))
-    bf16: bool = field_(False, "bf16 autocast for this model's calls.")
-    offload: bool = field_(False, "Offload weights between calls (roles never trained).")
+    bf16: bool = field_(
+        False,
+        "bf16 compute. Trained roles keep fp32 master weights and optimizer state whatever the "
+        "checkpoint's dtype (torch: autocast; deepspeed: bf16 weight copies). Roles never "
+        "trained keep the checkpoint's dtype with bf16, and are upcast to fp32 without it.",
+    )
+    offload: bool = field_(
+        False,
+        "Move weights (and a trained role's optimizer state) to CPU between calls; nothing "
+        "moves on CPU. Not supported with backend=deepspeed.",
+    )
     gradient_checkpointing: bool = field_(False, "Recompute activations in backward.")
     max_tokens_per_mb: int = field_(4096, "Token budget of one micro-batch.", gt=0)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    save_dtype: str = field_(
+        "auto",
+        "dtype of the saved HF weights of a trained role: auto (the checkpoint's), float32, "
+        "bfloat16 or float16. Below float32 the fp32 master weights also go into the "
+        "checkpoint's worker state, so resume stays exact.",
+        choices=SAVE_DTYPES,
+    )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            backend=self.backend, zero_stage=self.zero_stage, bf16=self.bf16, offload=self.offload
+            backend=self.backend,
+            zero_stage=self.zero_stage,
+            bf16=self.bf16,
+            offload=self.offload,
+            save_dtype=self.save_dtype,
         )
+
+    def validate(self) -> list[str]:
+        # Checked for every role: a role never trained does not use the backend.
+        return self.engine_config().train_problems()
+
+
+# A role path that means "the actor's model" (see ModelConfig.path and with_role_defaults).
+SAME_AS_ACTOR = ""
 
 
 def model_field(path: str = "builtin:tiny", lr: float = 2e-5, **kwargs: Any) -> Any:
@@ -68,6 +108,31 @@ class DatasetConfig:
     truncate: bool = field_(False, "Truncate rows over max_length instead of dropping them.")
     skip_bad_rows: bool = field_(False, "Skip (and count) malformed rows instead of failing.")
     shuffle: bool = field_(True, "Shuffle rows each epoch.")
+    args: dict[str, Any] = field_(
+        {},
+        "Keyword arguments of the dataset class: chat_template=<file.jinja or template text> "
+        "for conversations, n_rows / seed for 'builtin:' sources, or your own dataset's.",
+    )
+
+    def validate(self) -> list[str]:
+        owned = {"max_length", "truncate", "skip_bad_rows"} & set(self.args)
+        problems = [f"args.{k}: set dataset.{k} instead" for k in sorted(owned)]
+        for k in sorted({"loss_scale", "loss_scale_args"} & set(self.args)):
+            problems.append(f"args.{k}: set <experiment>.{k} (e.g. sft.{k}) instead")
+        return problems
+
+
+@dataclasses.dataclass
+class EvalDatasetConfig:
+    """What an evaluation reads."""
+
+    path: str = field_(
+        "",
+        "A JSONL file or a built-in dataset; empty: the eval split of the built-in training "
+        "task (builtin:<task>:eval).",
+    )
+    n_seqs: int = field_(0, "Samples per evaluation batch (0: n_seqs).", ge=0)
+    max_batches: int = field_(0, "Batches per evaluation at most (0: the whole dataset).", ge=0)
 
 
 @dataclasses.dataclass
@@ -116,9 +181,36 @@ class ExperimentConfig:
     plugins: list[str] = field_(
         [], "Python files or modules imported first (they register things)."
     )
+    metrics: list[str] = field_(
+        ["generation", "scores"],
+        "Metric functions (METRICS) run on every generate/inference call's outputs, logged "
+        "as <mfc>/<stat>: 'generation' (answer lengths, EOS rate), 'scores' (stats of "
+        "per-sequence outputs such as rewards), or your own.",
+    )
+    callbacks: list[str] = field_(
+        [],
+        "Callbacks (CALLBACKS) run in the driver on run events: 'early_stopping', "
+        "'target_metric', or your own; arguments in callback_args.<name>.*.",
+    )
+    callback_args: dict[str, dict[str, Any]] = field_(
+        {}, "Keyword arguments of each callback, e.g. callback_args.target_metric.value=0.6."
+    )
     tensorboard: bool = field_(True, "Write tensorboard events to output_dir.")
     progress_bar: bool = field_(True, "Show a progress bar with the latest metrics.")
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    eval_freq_steps: int = field_(
+        0,
+        "Run the experiment's evaluation graph after every N steps and after the last one, "
+        "logged as eval/<stat> (0: never).",
+        ge=0,
+    )
+    eval_dataset: EvalDatasetConfig = dataclasses.field(default_factory=EvalDatasetConfig)
+    evaluator: str = field_(
+        "",
+        "An interface (INTERFACES) whose evaluate() replaces the evaluation graph's own "
+        "evaluate calls; empty: the experiment's.",
+    )
+    evaluator_args: dict[str, Any] = field_({}, "Keyword arguments of `evaluator`.")
 
     # ---- what subclasses define -------------------------------------------------------------
 
@@ -130,13 +222,68 @@ class ExperimentConfig:
     def roles(self) -> dict[str, ModelRole]:
         raise NotImplementedError
 
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the dataset class, after the path and the tokenizer."""
+        d = self.dataset
+        owned = {"max_length": d.max_length, "truncate": d.truncate}
+        return {**owned, "skip_bad_rows": d.skip_bad_rows, **d.args}
+
+    def build_dataset(self, tokenizer: Any, path: str | None = None) -> Any:
+        """The run's dataset (or, with `path`, another file read the same way, e.g. the eval
+        split): `DATASETS[dataset_type](path or dataset.path, tokenizer, **dataset_kwargs())`."""
+        from realflow.api.registry import DATASETS
+
+        cls = DATASETS.get(self.dataset_type)
+        return cls(path or self.dataset.path, tokenizer, **self.dataset_kwargs())
+
     def mfcs(self) -> list[MFCDef]:
         raise NotImplementedError
+
+    def eval_mfcs(self) -> list[MFCDef]:
+        """The evaluation graph: by default the training graph with every train_step turned
+        into an evaluate call of the same interface (a loss, an accuracy), named
+        `eval_<model>`, and the other calls named `eval_<name>`. RL experiments override it
+        (greedy answers, then their reward)."""
+        out = []
+        for mfc in self.mfcs():
+            if mfc.is_train:
+                name, kind = f"eval_{mfc.model_name}", InterfaceType.EVALUATE
+            else:
+                name, kind = f"eval_{mfc.name}", mfc.interface_type
+            out.append(dataclasses.replace(mfc, name=name, interface_type=kind))
+        return out
 
     # ---- derived ------------------------------------------------------------------------------
 
     def dfg(self) -> DataflowGraph:
         return build_dfg(self.mfcs(), self.dataset_keys)
+
+    def eval_dfg(self) -> DataflowGraph | None:
+        """The evaluation graph (with `evaluator` swapped in), or None when evaluation is off."""
+        if self.eval_freq_steps <= 0:
+            return None
+        mfcs = self.eval_mfcs()
+        if self.evaluator:
+            spec = InterfaceSpec(self.evaluator, dict(self.evaluator_args))
+            mfcs = [
+                dataclasses.replace(m, interface_impl=spec)
+                if m.interface_type == InterfaceType.EVALUATE
+                else m
+                for m in mfcs
+            ]
+        return build_dfg(mfcs, self.dataset_keys)
+
+    def eval_dataset_path(self) -> str:
+        """`eval_dataset.path`, or the eval split of a built-in training task."""
+        if self.eval_dataset.path:
+            return self.eval_dataset.path
+        if self.dataset.path.startswith("builtin:"):
+            task = self.dataset.path[len("builtin:") :].split(":")[0]
+            return f"builtin:{task}:eval"
+        raise ValueError(
+            f"eval_dataset.path: evaluation needs a dataset; dataset.path ({self.dataset.path}) "
+            "is not a built-in task with an eval split, so give eval_dataset.path"
+        )
 
     def divides_n_seqs(self, key: str, n_minibatches: int) -> list[str]:
         """The problem, if any, with a minibatch count that must split the batch evenly."""
@@ -172,13 +319,68 @@ class ExperimentConfig:
             mb_spec=self.mb_spec(role),
         )
 
+    def _eval_problems(self) -> list[str]:
+        if self.eval_freq_steps <= 0:
+            return []
+        problems = []
+        if not self.eval_mfcs():
+            problems.append(
+                f"eval_freq_steps: {type(self).__name__} has no evaluation graph (eval_mfcs)"
+            )
+        if not any(m.interface_type == InterfaceType.EVALUATE for m in self.eval_mfcs()) and (
+            self.evaluator
+        ):
+            problems.append("evaluator: the evaluation graph has no evaluate call to replace")
+        try:
+            self.eval_dataset_path()
+        except ValueError as e:
+            problems.append(str(e))
+        return problems
+
     def mb_spec(self, role: str) -> MicroBatchSpec:
         return MicroBatchSpec(
             n_mbs=1, max_tokens_per_mb=self.roles()[role].config.max_tokens_per_mb
         )
 
+    def with_role_defaults(self) -> ExperimentConfig:
+        """A copy whose roles that follow the actor say so explicitly. The one place role
+        defaults are resolved (the runner resolves them before any worker starts):
+
+        - a role with weights and an empty path (SAME_AS_ACTOR) takes actor.path and
+          actor.tokenizer_path; a critic or reward head built that way starts from the actor's
+          body with a fresh head (init_from_actor). A reward model is trained separately, so an
+          empty rew.path stays empty, for the preflight check to refuse;
+        - a weightless role (head 'none') without a tokenizer_path decodes with the actor's
+          tokenizer ('builtin' for built-in models; 'builtin' when there is no actor).
+        """
+        cfg = copy.deepcopy(self)
+        roles = cfg.roles()
+        actor = roles.get("actor")
+        for name, role in roles.items():
+            c = role.config
+            if role.head == "none":
+                if not c.tokenizer_path:
+                    c.tokenizer_path = tokenizer_source(actor.config) if actor else "builtin"
+                continue
+            if c.path != SAME_AS_ACTOR or actor is None or name == "actor":
+                continue
+            if role.head == "reward" or actor.config.path == SAME_AS_ACTOR:
+                continue
+            c.path = actor.config.path
+            c.tokenizer_path = c.tokenizer_path or actor.config.tokenizer_path
+            if role.head != "lm":
+                c.init_from_actor = True
+        return cfg
+
     def validate(self) -> list[str]:
-        problems: list[str] = []
+        from realflow.api.callbacks import callback_problems
+        from realflow.api.registry import METRICS
+
+        problems: list[str] = [
+            f"metrics: {METRICS.miss_message(m)}" for m in self.metrics if m not in METRICS
+        ]
+        problems += callback_problems(list(self.callbacks), dict(self.callback_args))
+        problems += self._eval_problems()
         if self.overwrite and self.recover_mode != "disabled":
             problems.append(
                 f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "
@@ -202,6 +404,13 @@ class ExperimentConfig:
                 "worker per role"
             )
         return problems
+
+
+def tokenizer_source(model: ModelConfig) -> str:
+    """Where a role's tokenizer comes from: tokenizer_path, 'builtin' (built-in models) or the
+    model directory."""
+    source = model.tokenizer_path or model.path
+    return "builtin" if source.startswith("builtin:") else source
 
 
 def interface_args(cfg: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -65,6 +66,17 @@ class RewardConfig:
         )
         return problems
 
+    def dense(self) -> bool:
+        """Whether any scorer gives per-step (process) rewards: the reward MFC then also writes
+        `dense_rewards`, which the policy's train step reads."""
+        from realflow.api.registry import REWARD_SCORERS
+
+        return any(
+            getattr(REWARD_SCORERS.get(s), "dense", False)
+            for s in self.scorers
+            if s in REWARD_SCORERS
+        )
+
     def needs_model(self) -> bool:
         """Whether any scorer reads the reward role's weights."""
         from realflow.api.registry import REWARD_SCORERS
@@ -115,9 +127,9 @@ class PPOConfig(ExperimentConfig):
     """PPO on prompt-only data (JSONL rows {"prompt", ...}), built-in task by default."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
-    critic: ModelConfig = model_field("builtin:reverse-sft", lr=3e-3, init_from_actor=True)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
+    critic: ModelConfig = model_field(SAME_AS_ACTOR, lr=3e-3, init_from_actor=True)
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
@@ -137,9 +149,12 @@ class PPOConfig(ExperimentConfig):
         """The reward MFC; subclasses swap its interface to change how answers are scored."""
         return reward_node(self)
 
+    def eval_mfcs(self) -> list[MFCDef]:
+        return policy_eval_mfcs(self, "ppo_actor", interface_args(self.ppo))
+
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.ppo)
-        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards", "values")
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", *reward_keys(self), "values")
         return [
             self.node(
                 "actor_gen", "actor", GEN, "ppo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
@@ -153,6 +168,7 @@ class PPOConfig(ExperimentConfig):
 
 
 GEN, INF, TRAIN = InterfaceType.GENERATE, InterfaceType.INFERENCE, InterfaceType.TRAIN_STEP
+EVAL = InterfaceType.EVALUATE
 IDS = "packed_input_ids"
 # What a rollout (actor_gen) writes; see realflow/api/data.py for the layout of each key.
 ROLLOUT_KEYS = (IDS, "logprobs", "prompt_mask", "no_eos_mask")
@@ -168,12 +184,32 @@ def policy_roles(cfg: ExperimentConfig) -> dict[str, ModelRole]:
     }
 
 
+def reward_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """What rew_inf writes: `rewards`, and `dense_rewards` with a process-reward scorer."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    return ("rewards", "dense_rewards") if reward.dense() else ("rewards",)
+
+
 def reward_node(cfg: ExperimentConfig) -> MFCDef:
     """rew_inf: the `reward` interface scores each answer with the configured scorers."""
     reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
     return cfg.node(
-        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"), ("rewards",)
-    )
+        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"),
+        reward_keys(cfg),
+    )  # fmt: skip
+
+
+def policy_eval_mfcs(cfg: ExperimentConfig, impl: str, args: dict) -> list[MFCDef]:
+    """eval_gen -> eval_rew: one greedy answer per eval prompt, scored by the run's reward
+    scorers (eval/reward/mean)."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    greedy = {**args, "gen": {**args["gen"], "greedy": True}}
+    if "group_size" in greedy:
+        greedy["group_size"] = 1
+    return [
+        cfg.node("eval_gen", "actor", GEN, impl, greedy, ("packed_prompts",), ROLLOUT_KEYS),
+        cfg.node("eval_rew", "rew", EVAL, "reward", interface_args(reward), (IDS, "prompt_mask")),
+    ]
 
 
 def ref_node(cfg: ExperimentConfig, impl: str, args: dict) -> MFCDef:

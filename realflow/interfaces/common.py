@@ -130,6 +130,19 @@ def answer_mask_T1(prompt_mask_T: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> 
     return ~prompt_mask_T.bool()[keep]
 
 
+def loss_scale_T1(mb: SequenceSample, device: torch.device) -> torch.Tensor:
+    """Float32 weight of every predicted token (T1): the sample's `loss_scale` (L per sequence,
+    the weight of predicting that token) when it has one, else 1 on answer tokens
+    (`prompt_mask` False) and 0 on the prompt."""
+    cu_B1 = mb.cu_seqlens(IDS, device=device)
+    if "loss_scale" not in mb.data:
+        return answer_mask_T1(mb.data["prompt_mask"].to(device), cu_B1).float()
+    scale_T = mb.data["loss_scale"].to(device).float()
+    keep = torch.ones(scale_T.shape[0], dtype=torch.bool, device=device)
+    keep[cu_B1[:-1].long()] = False
+    return scale_T[keep]
+
+
 def shifted_seqlens(data: SequenceSample, key: str = IDS) -> list[list[int]]:
     """Per sample, L-1 for each sequence of `key` (the layout of logprobs)."""
     return [[n - 1 for n in lens] for lens in data.seqlens[key]]
@@ -251,12 +264,39 @@ def train_minibatches(
     return {**mean_stats(ran), "n_skipped_minibatches": float(skipped)}
 
 
+def evaluate_loss(
+    model: Model,
+    data: SequenceSample,
+    mb_spec: MicroBatchSpec,
+    loss_fn: Callable[[torch.nn.Module, SequenceSample], tuple[torch.Tensor, dict[str, float]]],
+    loss_weight_fn: Callable[[SequenceSample], float],
+    interface: str,
+) -> dict[str, float]:
+    """A training loss and its stats under the current weights, without a gradient: the same
+    micro-batch weighting as training, so the result is the mean over the whole batch. `weight`
+    is that batch's total weight (the evaluation averages batches with it)."""
+    engine = engine_of(model, interface)
+    mbs = split_micro_batches(data, mb_spec)
+    weights = [float(loss_weight_fn(mb)) for mb in mbs]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"{interface} evaluate: the batch (ids {data.ids}) has nothing to score")
+    out: dict[str, float] = {}
+    for mb, w in zip(mbs, weights):
+        loss, stats = engine.forward_no_grad(lambda m, mb=mb: loss_fn(m, mb))
+        for k, v in {"loss": float(loss), **stats}.items():
+            out[k] = out.get(k, 0.0) + w / total * float(v)
+    return {**out, "weight": total}
+
+
 def save_hf_dir(model: Model, save_dir: str) -> None:
-    """Write the role's module (and tokenizer) as an HF directory."""
+    """Write the trained role's full weights, in the engine's save dtype, (and tokenizer) as an
+    HF directory."""
     from realflow.models.hf_io import save_hf
 
-    engine = engine_of(model, "save")
-    save_hf(engine.module, save_dir, tokenizer=model.tokenizer)
+    engine = train_engine_of(model, "save")
+    weights = engine.module_state_dict()
+    save_hf(engine.module, save_dir, model.tokenizer, engine.save_dtype, state_dict=weights)
 
 
 # ---- generation ---------------------------------------------------------------------------------

@@ -6,11 +6,13 @@
 
 A saved directory (config.json, safetensors, tokenizer) loads in transformers as
 `*ForCausalLM` (lm), `*ForTokenClassification` (critic) or `*ForSequenceClassification` (reward),
-each with num_labels=1, and gives the same logits / values / scores.
+each with num_labels=1, and gives the same logits / values / scores, also for batches the saved
+tokenizer pads: a reward model is saved with a pad token that is not EOS (`tokenizer_for_export`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -37,10 +39,17 @@ logger = logging.getLogger(__name__)
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+EMBED = "embed_tokens.weight"  # the token embedding in realflow's state dict
+# config.json key: how many embedding rows save_hf appended so that every id of the saved
+# tokenizer (a reward model's new pad token, see tokenizer_for_export) has one; load_hf drops
+# them again, so training resumes in the trained shape.
+ADDED_PAD_ROWS = "realflow_added_pad_rows"
+# Names tried, in order, for a pad token added on export.
+EXPORT_PAD_TOKENS = ("<|pad|>", "<|realflow_pad|>", "[PAD]")
 # Keys of an HF config.json that describe a head or a saved file, not the architecture.
 _HEAD_KEYS = (
     "architectures", "id2label", "label2id", "num_labels", "problem_type",
-    "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+    "transformers_version", "_name_or_path", "torch_dtype", "dtype", ADDED_PAD_ROWS,
 )  # fmt: skip
 
 
@@ -128,6 +137,19 @@ def read_hf_state_dict(path: str | os.PathLike) -> StateDict:
     )
 
 
+def stored_dtype(hf: dict, sd: StateDict) -> torch.dtype:
+    """The dtype of a checkpoint: config.json's `dtype` (or `torch_dtype`), else that of most of
+    its floating tensors, else float32."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name:
+        return _resolve_dtype(name, hf)
+    counts: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, hf: dict) -> torch.dtype:
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -150,10 +172,10 @@ def load_hf(
 ) -> LoadedHF:
     """A PackedTransformer (and the tokenizer, when the directory has one) from an HF directory.
 
-    `dtype` defaults to the checkpoint's dtype (float32 when unrecorded). Head parameters the
-    checkpoint lacks (a critic loaded from an actor) are an error unless `head_init_seed` is
-    given, which initialises them deterministically. `config_overrides` set run options such as
-    `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
+    `dtype` defaults to the checkpoint's dtype (config.json's, else that of its tensors). Head
+    parameters the checkpoint lacks (a critic loaded from an actor) are an error unless
+    `head_init_seed` is given, which initialises them deterministically. `config_overrides` set
+    run options such as `attn_impl`, `gradient_checkpointing` or `autocast_dtype`.
     """
     check_head(head)
     hf = read_hf_config(path)
@@ -161,8 +183,10 @@ def load_hf(
     config = family.config_from_hf(hf)
     if config_overrides:
         config = config.replace(**config_overrides)
-    dtype = _resolve_dtype(dtype, hf)
-    sd = family.state_dict_from_hf(read_hf_state_dict(path), config, head)
+    stored = read_hf_state_dict(path)
+    dtype = stored_dtype(hf, stored) if dtype is None else _resolve_dtype(dtype, hf)
+    sd = family.state_dict_from_hf(stored, config, head)
+    sd, config = _drop_added_pad_rows(sd, config, int(hf.get(ADDED_PAD_ROWS, 0)))
     model = _build_with_state(config, head, sd, dtype, torch.device(device), head_init_seed, path)
     tokenizer = load_tokenizer_if_present(path) if load_tokenizer else None
     logger.info(
@@ -220,10 +244,23 @@ def _build_with_state(
         else:
             sd[name] = torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen)
         logger.info("initialised %s %s from seed %d", name, tuple(shape), head_init_seed)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # copy=True: parameters in memory of their own, never views into the checkpoint's buffer.
+    # Views start at unaligned addresses, and CPU kernels then sum in another order: a run resumed
+    # from a checkpoint drifted (1e-8) from the uninterrupted one.
+    sd = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def _drop_added_pad_rows(
+    sd: StateDict, config: TransformerConfig, rows: int
+) -> tuple[StateDict, TransformerConfig]:
+    """The state dict and config without the `rows` embedding rows save_hf appended."""
+    if rows <= 0:
+        return sd, config
+    vocab = config.vocab_size - rows
+    return {**sd, EMBED: sd[EMBED][:vocab]}, config.replace(vocab_size=vocab)
 
 
 def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
@@ -238,21 +275,66 @@ def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
 # --------------------------------------------------------------------------------- writing
 
 
+def tokenizer_for_export(model: PackedTransformer, tokenizer: Any | None) -> Any | None:
+    """The tokenizer to save with `model`: `tokenizer` itself, or for a reward model whose pad
+    token is missing or an EOS id, a copy with a new pad token ('<|pad|>').
+
+    HF `*ForSequenceClassification` reads the score at the last token that is not
+    `pad_token_id`; realflow reads it at the last token, usually EOS. With pad == EOS (what
+    `load_tokenizer` gives a tokenizer without a pad token, and qwen2's own choice) HF would read
+    the token before EOS. The new token takes the first id past the tokenizer; when the model has
+    no row for it, save_hf appends one (zeros: pad positions come after the real tokens and are
+    masked out, so the row is never read).
+    """
+    if tokenizer is None or model.head != "reward" or not hasattr(tokenizer, "get_vocab"):
+        return tokenizer
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = {*model.config.eos_token_ids, getattr(tokenizer, "eos_token_id", None)}
+    if pad is not None and pad not in eos:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    name = next((t for t in EXPORT_PAD_TOKENS if t not in vocab), None)
+    if name is None:
+        raise ValueError(f"cannot add a pad token: {EXPORT_PAD_TOKENS} are all in the vocabulary")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": name})
+    logger.info(
+        "saving the reward model with a new pad token %r (id %d): its pad (%s) is missing or "
+        "an EOS id, and HF sequence classification would read the score before EOS",
+        name, tokenizer.pad_token_id, pad,
+    )  # fmt: skip
+    return tokenizer
+
+
+def export_vocab_size(model: PackedTransformer, tokenizer: Any | None) -> int:
+    """vocab_size of the saved model: the model's, or for critic and reward heads enough rows
+    for every id of the saved tokenizer (its pad token may be new)."""
+    n = model.config.vocab_size
+    if tokenizer is None or model.head == "lm" or not hasattr(tokenizer, "get_vocab"):
+        return n
+    return max(n, max(tokenizer.get_vocab().values()) + 1)
+
+
 def hf_config_for(
     model: PackedTransformer, dtype: torch.dtype, tokenizer: Any | None = None
 ) -> dict:
-    """The config.json dict that makes transformers build the same model with the same head."""
+    """The config.json dict that makes transformers build the same model with the same head
+    (`tokenizer`: the one saved with it, see tokenizer_for_export)."""
     config, head = model.config, model.head
     family = family_for_config(config)
+    vocab = export_vocab_size(model, tokenizer)
     hf = {k: v for k, v in config.extra_hf.items() if k not in _HEAD_KEYS}
-    hf.update(family.config_to_hf(config))
+    hf.update(family.config_to_hf(config.replace(vocab_size=vocab)))
+    if vocab > config.vocab_size:
+        hf[ADDED_PAD_ROWS] = vocab - config.vocab_size
     hf["architectures"] = [family.architectures[head]]
     hf["dtype"] = str(dtype).removeprefix("torch.")
     if head != "lm":
         hf["id2label"] = {"0": "LABEL_0"}
         hf["label2id"] = {"LABEL_0": 0}
     if head == "reward":
-        if hf.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
+        # HF scores the last token that is not pad: the id the saved tokenizer pads with.
+        if getattr(tokenizer, "pad_token_id", None) is not None:
             hf["pad_token_id"] = tokenizer.pad_token_id
         pad = hf.get("pad_token_id")
         if pad is None:
@@ -275,8 +357,14 @@ def save_hf(
     tokenizer: Any | None = None,
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    state_dict: StateDict | None = None,
 ) -> Path:
     """Write `model` (and `tokenizer`) as an HF directory at `path`; returns the path.
+
+    `state_dict` (realflow names) gives the weights to write instead of the module's own: a
+    train engine's full fp32 master weights, e.g. under deepspeed ZeRO-3, whose module holds
+    empty partitions. Its names and shapes must be those of the model's config. `dtype`
+    defaults to that of the weights written.
 
     Everything is written into a temporary sibling directory first and renamed into place, so a
     failure never leaves half a checkpoint. An existing HF checkpoint (or empty directory) at
@@ -294,14 +382,17 @@ def save_hf(
         )
     path = Path(path)
     _check_target(path)
-    params = dict(model.named_parameters())
-    dtype = _resolve_dtype(
-        dtype, {"dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")}
-    )
+    sd = {
+        k: v.detach() for k, v in (model.state_dict() if state_dict is None else state_dict).items()
+    }
+    _check_shapes(model, sd)
+    first_param = next(name for name, _ in model.named_parameters())
+    dtype = _resolve_dtype(dtype, {"dtype": str(sd[first_param].dtype).removeprefix("torch.")})
     family = family_for_config(model.config)
+    tokenizer = tokenizer_for_export(model, tokenizer)
     hf_config = hf_config_for(model, dtype, tokenizer)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_sd = family.state_dict_to_hf(sd, model.config, model.head)
+    sd, config = _with_vocab_rows(sd, model.config, hf_config["vocab_size"])
+    hf_sd = family.state_dict_to_hf(sd, config, model.head)
     bad = [k for k, v in hf_sd.items() if not v.is_floating_point()]
     if bad:
         raise ValueError(f"non-floating parameters cannot be saved: {bad[:5]}")
@@ -326,6 +417,46 @@ def save_hf(
         raise
     logger.info("saved %s (head=%s, %s) to %s", family.name, model.head, dtype, path)
     return path
+
+
+def _check_shapes(model: PackedTransformer, sd: StateDict) -> None:
+    """The weights must have the names and shapes the model's config gives (an empty ZeRO-3
+    partition, shape (0,), is the usual culprit)."""
+    with torch.device("meta"):
+        expected = PackedTransformer(model.config, model.head).state_dict()
+    bad = {
+        k: (tuple(sd[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    }
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if bad or missing or extra:
+        raise ValueError(
+            "cannot save weights that do not match the model config: "
+            + "; ".join(
+                [f"{k} has shape {got}, config says {want}" for k, (got, want) in bad.items()][:5]
+                + ([f"missing {missing[:5]}"] if missing else [])
+                + ([f"unexpected {extra[:5]}"] if extra else [])
+            )
+            + (
+                " (empty shapes: ZeRO-3 partitions; save the engine's gathered weights)"
+                if any(got == (0,) for got, _ in bad.values())
+                else ""
+            )
+        )
+
+
+def _with_vocab_rows(
+    sd: StateDict, config: TransformerConfig, vocab: int
+) -> tuple[StateDict, TransformerConfig]:
+    """The state dict and config with zero embedding rows appended up to `vocab`."""
+    extra = vocab - config.vocab_size
+    if extra <= 0:
+        return sd, config
+    embed = sd[EMBED]
+    rows = embed.new_zeros((extra, embed.shape[1]))
+    return {**sd, EMBED: torch.cat([embed, rows])}, config.replace(vocab_size=vocab)
 
 
 def _check_target(path: Path) -> None:

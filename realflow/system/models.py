@@ -26,8 +26,11 @@ def load_role_tokenizer(role: ModelRole) -> Any:
     return load_tokenizer(cfg.path)
 
 
-def build_module(role: ModelRole, seed: int) -> torch.nn.Module | None:
-    """The role's PackedTransformer with its head, or None for a weightless role."""
+def build_module(
+    role: ModelRole, seed: int, dtype: torch.dtype | None = None
+) -> torch.nn.Module | None:
+    """The role's PackedTransformer with its head, or None for a weightless role. The weights
+    are in `dtype`, by default the checkpoint's (a random built-in model is fp32)."""
     if role.head == "none":
         return None
     from realflow.models.hf_io import init_from_actor, load_hf
@@ -41,14 +44,26 @@ def build_module(role: ModelRole, seed: int) -> torch.nn.Module | None:
 
         vocab = len(load_tokenizer("builtin"))
         torch.manual_seed(seed)
-        return PackedTransformer(builtin_config("tiny-llama", vocab, **overrides), head=role.head)
+        model = PackedTransformer(builtin_config("tiny-llama", vocab, **overrides), head=role.head)
+        return model if dtype is None else model.to(dtype)
     if cfg.path.startswith("builtin:"):
         raise ValueError(
             f"built-in model '{cfg.path}' must be resolved to a directory before workers start"
         )
     if role.head != "lm" and cfg.init_from_actor:
-        return init_from_actor(cfg.path, head=role.head, seed=seed, **overrides).model
-    return load_hf(cfg.path, head=role.head, load_tokenizer=False, **overrides).model
+        return init_from_actor(cfg.path, head=role.head, seed=seed, dtype=dtype, **overrides).model
+    return load_hf(cfg.path, head=role.head, dtype=dtype, load_tokenizer=False, **overrides).model
+
+
+def weights_dtype(role: ModelRole, trained: bool) -> torch.dtype | None:
+    """The dtype a role's weights are built in (None: the checkpoint's).
+
+    Trained roles arrive in the checkpoint's dtype and their engine upcasts them to fp32 master
+    weights (and saves them back in that dtype by default). Roles never trained keep the
+    checkpoint's dtype under bf16 compute (2 bytes per parameter for a bf16 checkpoint), and
+    are upcast to fp32 without it, so that they compute what an fp32 trained role computes.
+    """
+    return None if trained or role.config.bf16 else torch.float32
 
 
 def build_model(
@@ -62,7 +77,7 @@ def build_model(
     """A `Model` for interfaces: a train engine for trained roles, an inference engine otherwise."""
     from realflow.engines.train import InferenceEngine, build_train_engine
 
-    module = build_module(role, seed)
+    module = build_module(role, seed, weights_dtype(role, trained))
     tokenizer = load_role_tokenizer(role)
     if module is None:
         engine = None

@@ -71,7 +71,7 @@ class MetricsWriter:
     ):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.train_order = train_order
-        self.rows: list[dict[str, Any]] = []
+        self.first_step: int | None = None  # the first step this writer wrote
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -92,14 +92,22 @@ class MetricsWriter:
         self.last_line_t: float | None = None
 
     def write(
-        self, step: int, stats: dict[str, dict[str, float]], step_s: float, order: list[str]
+        self,
+        step: int,
+        stats: dict[str, dict[str, float]],
+        step_s: float,
+        order: list[str],
+        extra: dict[str, float] | None = None,
     ) -> dict[str, Any]:
+        """Write the row of `step` (`extra`: more keys, e.g. the eval/... stats)."""
         # Train MFCs first, so unprefixed keys come from the trained model's step.
         ordered = [n for n in self.train_order if n in stats] + [
             n for n in order if n not in self.train_order
         ]
         row = flatten_step(step, stats, step_s, ordered)
-        self.rows.append(row)
+        row.update(extra or {})
+        if self.first_step is None:
+            self.first_step = step
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -130,16 +138,26 @@ class MetricsWriter:
         if self.bar is not None:
             self.bar.close()
 
-    def summary(self) -> str:
+    def read_rows(self) -> list[dict[str, Any]]:
+        """The rows this writer wrote, read back from metrics.jsonl (rows are not kept in
+        memory: a long run would grow by a few KB per step)."""
+        if self.first_step is None or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [r for r in rows if r["step"] >= self.first_step]
+
+    def summary(self, rows: list[dict[str, Any]] | None = None) -> str:
         """A table of the key metrics: mean of the first and last 10% of steps."""
-        if not self.rows:
+        rows = self.read_rows() if rows is None else rows
+        if not rows:
             return "no steps ran"
-        keys = ["time/step_s", *[k for k in KEY_METRICS if any(k in r for r in self.rows)]]
-        n = max(1, len(self.rows) // 10)
+        keys = ["time/step_s", *[k for k in KEY_METRICS if any(k in r for r in rows)]]
+        n = max(1, len(rows) // 10)
         lines = [f"{'metric':<16}{'first 10%':>14}{'last 10%':>14}", "-" * 44]
         for k in keys:
-            first = [r[k] for r in self.rows[:n] if k in r]
-            last = [r[k] for r in self.rows[-n:] if k in r]
+            first = [r[k] for r in rows[:n] if k in r]
+            last = [r[k] for r in rows[-n:] if k in r]
             if first and last:
                 lines.append(
                     f"{k:<16}{sum(first) / len(first):>14.4f}{sum(last) / len(last):>14.4f}"
@@ -155,21 +173,35 @@ def _is_terminal(stream: TextIO) -> bool:
 class Tracer:
     """Chrome trace (opens in Perfetto): a track per worker, one complete event per MFC call
     with args `step`, `n_seqs`, `store` (entries the worker holds after the call) and `version`
-    (the parameter version of the model it read: train steps taken before it)."""
+    (the parameter version of the model it read: train steps taken before it), and a track for
+    the master's checkpoint saves.
+
+    Events are streamed to the file as they come (a long run must not hold them all in
+    memory); `write()` closes the JSON object. A process killed mid-run leaves the object open.
+    """
 
     def __init__(self, path: str, worker_names: dict[int, str]):
         self.path = path
         self.t0 = time.time()
         self.master_tid = max(worker_names, default=-1) + 1  # the master's own track
         names = {**worker_names, self.master_tid: "master (checkpoints)"}
-        self.events: list[dict[str, Any]] = [
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": w, "args": {"name": name}}
-            for w, name in sorted(names.items())
-        ]
+        self.file: TextIO | None = open(path, "w")  # noqa: SIM115 (closed by write())
+        self.file.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+        self.n_events = 0
+        for w, name in sorted(names.items()):
+            self._emit(
+                {"name": "thread_name", "ph": "M", "pid": 0, "tid": w, "args": {"name": name}}
+            )
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write((",\n" if self.n_events else "") + json.dumps(event))
+        self.n_events += 1
 
     def record_save(self, step: int, start: float, end: float) -> None:
         """A checkpoint of `step` written from `start` to `end` (on the master's track)."""
-        self.events.append(
+        self._emit(
             {
                 "name": f"save step_{step}",
                 "ph": "X",
@@ -180,9 +212,10 @@ class Tracer:
                 "args": {"step": step},
             }
         )
+        self.flush()
 
     def record(self, result: MFCResult, n_seqs: int) -> None:
-        self.events.append(
+        self._emit(
             {
                 "name": result.mfc,
                 "ph": "X",
@@ -199,8 +232,14 @@ class Tracer:
             }
         )
 
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
     def write(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
-        os.replace(tmp, self.path)
+        """Close the trace (a complete JSON object from now on)."""
+        if self.file is None:
+            return
+        self.file.write("\n]}\n")
+        self.file.close()
+        self.file = None

@@ -11,14 +11,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from realflow.api.callbacks import CallbackError, CallbackList, RunContext, build_callbacks
 from realflow.api.config import to_dict
 from realflow.api.dfg import DataflowGraph, write_dfg_files
+from realflow.api.registry import absolute_plugin_specs
 from realflow.api.tracebacks import user_frames
 from realflow.experiments.common import ExperimentConfig
 from realflow.system.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
+from realflow.system.evaluation import Evaluation, batch_sizes, setup_info
 from realflow.system.interrupt import Interrupted, StopRequest
 from realflow.system.master import Master, RunFailure
 from realflow.system.observe import MetricsWriter, Tracer, drop_rows_after
+from realflow.system.preflight import RoleCheckError
 from realflow.system.rundir import RunDirError, default_output_dir, open_run_dir
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, WorkerSpec
@@ -32,8 +36,9 @@ class RunResult:
     rows: list[dict[str, Any]]
     last_checkpoint: str | None
     last_step: int = 0  # the last step that ran
-    interrupted: bool = False  # a stop request ended the run early
+    interrupted: bool = False  # a stop signal ended the run early
     saved_at_stop: bool = False  # ...and the checkpoint of its last step was written
+    stop_reason: str = ""  # why a callback ended the run early ("": it did not)
 
 
 def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
@@ -50,11 +55,15 @@ def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
 
 
 def worker_specs(
-    cfg: ExperimentConfig, dfg: DataflowGraph, where: dict[str, int]
+    cfg: ExperimentConfig,
+    dfg: DataflowGraph,
+    where: dict[str, int],
+    eval_dfg: DataflowGraph | None = None,
 ) -> list[WorkerSpec]:
     trained = {m.model_name for m in dfg.mfcs if m.is_train}
     source_role = dfg.mfc(dfg.sources()[0]).model_name
     n_workers = max(where.values()) + 1
+    all_mfcs = dfg.mfcs + (eval_dfg.mfcs if eval_dfg is not None else [])
     specs = []
     for w in range(n_workers):
         roles = [r for r, i in where.items() if i == w]
@@ -64,7 +73,7 @@ def worker_specs(
                 config=cfg,
                 roles=roles,
                 trained_roles=[r for r in roles if r in trained],
-                mfcs=[m for m in dfg.mfcs if where[m.model_name] == w],
+                mfcs=[m for m in all_mfcs if where.get(m.model_name) == w],
                 serves_dataset=where[source_role] == w,
                 total_train_steps=max(1, cfg.total_steps * cfg.optimizer_steps_per_train_call()),
             )
@@ -100,9 +109,9 @@ def run_experiment(name: str, cfg: ExperimentConfig) -> int:
     try:
         with stop.on_signals():
             result = run(name, cfg, stop)
-    except (RunDirError, CheckpointError) as e:
+    except (RunDirError, RoleCheckError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, RunDirError) else 1
+        return 1 if isinstance(e, CheckpointError) else 2
     except RunFailure as e:
         logger.error("run failed: %s\n%s", e, e.traceback_text)
         print(f"error: run failed: {e}", file=sys.stderr)
@@ -155,7 +164,9 @@ def run(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None = None
     turning true ends the run early at a step boundary (RunResult.interrupted).
     """
     output_dir = cfg.output_dir or default_output_dir(name)
-    cfg = dataclasses.replace(cfg, output_dir=output_dir)
+    cfg = dataclasses.replace(
+        cfg, output_dir=output_dir, plugins=absolute_plugin_specs(cfg.plugins)
+    )
     rundir = open_run_dir(output_dir, cfg.recover_mode, cfg.overwrite)
     try:
         return _run_in_dir(name, cfg, stop)
@@ -165,6 +176,7 @@ def run(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None = None
 
 def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None) -> RunResult:
     from realflow.system.builtin_models import resolve_builtin_models
+    from realflow.system.preflight import check_roles
 
     output_dir = cfg.output_dir
     found = latest_checkpoint(output_dir) if cfg.recover_mode != "disabled" else None
@@ -176,8 +188,9 @@ def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | Non
     if cfg.recover_mode == "auto" and found is None:
         logger.warning("recover_mode=auto: no checkpoint in %s; starting at step 1", output_dir)
     dfg = cfg.dfg()
-    _write_run_files(cfg, dfg)
     run_cfg = resolve_builtin_models(cfg)
+    check_roles(run_cfg)  # before any worker starts: models and tokenizers fit together
+    _write_run_files(cfg, dfg)
     first_step = 1
     # Rows of steps past the checkpoint run again (all of them when starting fresh).
     drop_rows_after(output_dir, found[0] if found else 0)
@@ -194,6 +207,8 @@ def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | Non
         )
     except WorkerFailure as e:
         raise RunFailure(f"worker {e.worker}: {e}", e.traceback_text) from (e.cause or e)
+    except CallbackError as e:
+        raise RunFailure(str(e), e.traceback_text) from e
     except RunFailure as e:
         wait = not e.timed_out
         raise
@@ -222,68 +237,147 @@ def _run_with(
     resume_from: str | None,
     stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    specs = worker_specs(cfg, dfg, where)
+    callbacks = CallbackList(
+        build_callbacks(list(cfg.callbacks), dict(cfg.callback_args)),
+        RunContext(name, cfg, cfg.output_dir),
+    )
+    eval_dfg = cfg.eval_dfg()
+    specs = worker_specs(cfg, dfg, where, eval_dfg)
     transport.start(specs)
     workers = list(range(len(specs)))
     t0 = time.time()
-    transport.call_all(workers, Kind.SETUP)
+    info = setup_info(transport.call_all(workers, Kind.SETUP))
     if resume_from:
         transport.call_all(workers, Kind.LOAD, resume_from)
     logger.info("%d worker(s) ready in %.1f s: %s", len(specs), time.time() - t0, where)
-
-    names = {w: f"worker {w} ({', '.join(s.roles)})" for w, s in enumerate(specs)}
-    tracer = Tracer(os.path.join(cfg.output_dir, "trace.json"), names)
-    train_order = [m.name for m in dfg.mfcs if m.is_train]
-    metrics = MetricsWriter(
-        cfg.output_dir,
-        cfg.total_steps - first_step + 1,
-        cfg.tensorboard,
-        cfg.progress_bar,
-        train_order,
-    )
-    master = Master(
-        dfg,
-        transport,
-        where,
-        specs[[s.serves_dataset for s in specs].index(True)].index,
-        cfg.mfc_timeout_s,
-        on_call=lambda r: tracer.record(r, dfg.mfc(r.mfc).n_seqs),
-    )
-    last_ckpt = [resume_from]
-
-    def save(step: int) -> None:
-        # Every worker saves (and on resume loads) its state file: interface state and RNG too.
-        start = time.time()
-        last_ckpt[0] = write_checkpoint(
-            cfg.output_dir,
-            step,
-            lambda d: transport.call_all(workers, Kind.SAVE, d),
-            cfg.keep_last_n_checkpoints,
-        )
-        tracer.record_save(step, start, time.time())
-        logger.info("saved %s", last_ckpt[0])
-
-    def save_after(step: int) -> bool:
-        if master.stopped and step == master.last_step:
-            return cfg.save_on_interrupt
-        freq = cfg.save_freq_steps
-        return step == cfg.total_steps or (freq > 0 and step % freq == 0)
-
-    order = [m.name for m in dfg.mfcs]
+    loop = _Loop(cfg, dfg, transport, specs, where, callbacks, resume_from, first_step)
+    if eval_dfg is not None:
+        n = info.get("eval_batches", 0)
+        sizes = batch_sizes(info.get("eval_rows", 0), cfg.eval_dataset.n_seqs or cfg.n_seqs, n)
+        loop.evaluation = Evaluation(
+            eval_dfg, transport, where, loop.master.data_worker, loop.tracer,
+            cfg.eval_freq_steps, cfg.total_steps, n, sizes, cfg.mfc_timeout_s,
+        )  # fmt: skip
+    callbacks.run_start()
+    signalled = lambda: stop is not None and stop()  # noqa: E731
     try:
-        last_step = master.run(
+        last_step = loop.master.run(
             first_step,
             cfg.total_steps,
-            lambda s, stats, dt: metrics.write(s, stats, dt, order),
-            save_after,
-            save,
-            stop,
+            loop.step_end,
+            loop.barrier_after,
+            loop.at_barrier,
+            lambda: signalled() or callbacks.ctx.stop_requested,
         )
     finally:
-        metrics.close()
-        tracer.write()
-    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, metrics.summary())
-    saved_at_stop = master.stopped and last_step >= first_step and cfg.save_on_interrupt
-    return RunResult(
-        cfg.output_dir, metrics.rows, last_ckpt[0], last_step, master.stopped, saved_at_stop
+        loop.metrics.close()
+        loop.tracer.write()
+    rows = loop.metrics.read_rows()
+    logger.info("finished %s in %.1f s\n%s", name, time.time() - t0, loop.metrics.summary(rows))
+    if callbacks.ctx.stop_requested and not signalled():
+        logger.info("stopped after step %d: %s", last_step, callbacks.ctx.stop_reason)
+    interrupted = loop.master.stopped and signalled()
+    result = RunResult(
+        cfg.output_dir,
+        rows,
+        loop.last_checkpoint,
+        last_step,
+        interrupted,
+        interrupted and last_step >= first_step and cfg.save_on_interrupt,
+        callbacks.ctx.stop_reason,
     )
+    callbacks.run_end(result)
+    return result
+
+
+class _Loop:
+    """What the master calls back into during a run: step ends (metrics, trace, callbacks) and
+    checkpoints."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dfg: DataflowGraph,
+        transport: Transport,
+        specs: list[WorkerSpec],
+        where: dict[str, int],
+        callbacks: CallbackList,
+        resume_from: str | None,
+        first_step: int,
+    ):
+        self.cfg = cfg
+        self.transport = transport
+        self.workers = list(range(len(specs)))
+        self.callbacks = callbacks
+        self.last_checkpoint = resume_from
+        self.evaluation: Evaluation | None = None
+        self.pending_row: tuple[int, dict[str, dict[str, float]], float] | None = None
+        self.order = [m.name for m in dfg.mfcs]
+        names = {w: f"worker {w} ({', '.join(s.roles)})" for w, s in enumerate(specs)}
+        self.tracer = Tracer(os.path.join(cfg.output_dir, "trace.json"), names)
+        self.metrics = MetricsWriter(
+            cfg.output_dir,
+            cfg.total_steps - first_step + 1,
+            cfg.tensorboard,
+            cfg.progress_bar,
+            [m.name for m in dfg.mfcs if m.is_train],
+        )
+        data_worker = specs[[s.serves_dataset for s in specs].index(True)].index
+        self.master = Master(
+            dfg,
+            transport,
+            where,
+            data_worker,
+            cfg.mfc_timeout_s,
+            on_call=lambda r: self.tracer.record(r, dfg.mfc(r.mfc).n_seqs),
+        )
+
+    def step_end(self, step: int, stats: dict[str, dict[str, float]], step_s: float) -> None:
+        if self.evaluation is not None and self.evaluation.due(step):
+            self.pending_row = (step, stats, step_s)  # written after the evaluation
+            return
+        self._write_row(step, stats, step_s, {})
+
+    def _write_row(
+        self,
+        step: int,
+        stats: dict[str, dict[str, float]],
+        step_s: float,
+        eval_stats: dict[str, float],
+    ) -> None:
+        row = self.metrics.write(step, stats, step_s, self.order, eval_stats)
+        self.callbacks.step_end(step, row)
+
+    def barrier_after(self, step: int) -> bool:
+        """Whether to stop at the end of `step` (nothing in flight) to evaluate or save."""
+        return self.save_due(step) or (self.evaluation is not None and self.evaluation.due(step))
+
+    def save_due(self, step: int) -> bool:
+        if self.master.stopped and step == self.master.last_step:
+            # A run a callback ends is saved like any finished run; a signal asks first.
+            return self.cfg.save_on_interrupt or self.callbacks.ctx.stop_requested
+        freq = self.cfg.save_freq_steps
+        return step == self.cfg.total_steps or (freq > 0 and step % freq == 0)
+
+    def at_barrier(self, step: int) -> None:
+        if self.pending_row is not None and self.pending_row[0] == step:
+            assert self.evaluation is not None
+            eval_stats = self.evaluation.run(step)
+            self.callbacks.evaluate(step, {"step": step, **eval_stats})
+            self._write_row(*self.pending_row, eval_stats)
+            self.pending_row = None
+        if self.save_due(step):
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        # Every worker saves (and on resume loads) its state file: interface state and RNG too.
+        start = time.time()
+        self.last_checkpoint = write_checkpoint(
+            self.cfg.output_dir,
+            step,
+            lambda d: self.transport.call_all(self.workers, Kind.SAVE, d),
+            self.cfg.keep_last_n_checkpoints,
+        )
+        self.tracer.record_save(step, start, time.time())
+        logger.info("saved %s", self.last_checkpoint)
+        self.callbacks.save(step, self.last_checkpoint)

@@ -21,7 +21,7 @@ import torch
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import DATASETS, INTERFACES
+from realflow.api.registry import INTERFACES, METRICS, load_plugins
 from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class MFCRequest:
     step: int
     ids: list[Any]
     transfers: list[Transfer]
+    round: int = 1  # the round of a sampling loop (see master.py): round r > 1 is seeded apart
 
 
 @dataclasses.dataclass
@@ -107,6 +108,7 @@ class ModelWorker:
         self.interfaces: dict[str, ModelInterface] = {}
         self.mfcs = {m.name: m for m in spec.mfcs}
         self.loader = None
+        self.eval_loader = None
         self._handlers = {
             Kind.SETUP: self.setup,
             Kind.FETCH_BATCH: self.fetch_batch,
@@ -119,6 +121,7 @@ class ModelWorker:
         }
         self.dp_group = None
         self.offloaded: set[str] = set()
+        self.metric_fns: list[tuple[str, Any]] = []
 
     def handle(self, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
         """Run one request. `frees` ride along with it: (ids, keys) the master has released
@@ -128,10 +131,12 @@ class ModelWorker:
 
     # ---- setup ------------------------------------------------------------------------------
 
-    def setup(self, _: Any = None) -> None:
+    def setup(self, _: Any = None) -> dict[str, int]:
         from realflow.system.models import build_model
 
         cfg = self.spec.config
+        load_plugins(cfg.plugins)  # a Ray actor is a fresh process: users' registrations too
+        self.metric_fns = [(n, METRICS.get(n)) for n in cfg.metrics]
         roles = cfg.roles()
         if torch.distributed.is_initialized():
             # Every rank creates every group, in the same order (a collective call). Each model
@@ -149,13 +154,11 @@ class ModelWorker:
                 cfg.seed,
                 self.dp_group,
             )
-        # Roles never trained, with <role>.offload: weights leave the device between calls.
+        # Roles with <role>.offload: weights (and optimizer state) leave the device between calls.
         self.offloaded = {
             n
             for n in self.spec.roles
-            if n not in self.spec.trained_roles
-            and roles[n].config.offload
-            and self.models[n].module is not None
+            if roles[n].config.offload and self.models[n].module is not None
         }
         for n in self.offloaded:
             self.models[n].module.offload()
@@ -165,10 +168,28 @@ class ModelWorker:
             )
         if self.spec.serves_dataset:
             self._setup_loader()
+            rows = len(self.eval_loader.dataset) if self.eval_loader is not None else 0
+            return {"eval_batches": self._eval_batches(), "eval_rows": rows}
+        return {}
 
     def _setup_loader(self) -> None:
         from realflow.data.loader import DataLoader
 
+        cfg = self.spec.config
+        d = cfg.dataset
+        self.loader = DataLoader(
+            self._dataset(d.path), cfg.n_seqs, shuffle=d.shuffle, seed=cfg.seed
+        )
+        self.eval_loader = None
+        if cfg.eval_freq_steps > 0:
+            self.eval_loader = DataLoader(
+                self._dataset(cfg.eval_dataset_path()),
+                cfg.eval_dataset.n_seqs or cfg.n_seqs,
+                shuffle=False,
+                drop_last=False,
+            )
+
+    def _dataset(self, path: str) -> Any:
         cfg = self.spec.config
         source = [m for m in self.spec.mfcs if set(m.input_keys) <= set(cfg.dataset_keys)]
         tokenizer = self.models[source[0].model_name].tokenizer if source else None
@@ -176,21 +197,36 @@ class ModelWorker:
             from realflow.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer("builtin")
-        d = cfg.dataset
-        dataset = DATASETS.get(cfg.dataset_type)(
-            d.path,
-            tokenizer,
-            max_length=d.max_length,
-            truncate=d.truncate,
-            skip_bad_rows=d.skip_bad_rows,
-        )
-        self.loader = DataLoader(dataset, cfg.n_seqs, shuffle=d.shuffle, seed=cfg.seed)
+        return cfg.build_dataset(tokenizer, path)
+
+    def _eval_batches(self) -> int:
+        if self.eval_loader is None:
+            return 0
+        n = len(self.eval_loader)
+        limit = self.spec.config.eval_dataset.max_batches
+        return min(n, limit) if limit else n
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def fetch_batch(self, _: Any = None) -> SequenceSample:
+    def fetch_batch(self, which: tuple[str, int] | None = None) -> SequenceSample:
+        """The next training batch, or (`which` = ("eval", i)) evaluation batch i: batch 0
+        starts the eval dataset from its beginning. Eval sample ids are ("eval", id)."""
         assert self.loader is not None, "this worker does not serve the dataset"
-        batch = self.loader.next_batch()
+        if which is None:
+            batch = self.loader.next_batch()
+        else:
+            assert self.eval_loader is not None, "this run has no evaluation dataset"
+            if which[1] == 0:
+                self._eval_iter = iter(self.eval_loader.epoch_batches(0))
+            batch = next(self._eval_iter)
+            batch = dataclasses.replace(batch, ids=[("eval", i) for i in batch.ids])
+        missing = set(self.spec.config.dataset_keys) - batch.keys
+        if missing:
+            raise ValueError(
+                f"the dataset ({self.spec.config.dataset_type}) gave samples without keys "
+                f"{sorted(missing)} that the graph reads from it (dataset_keys "
+                f"{list(self.spec.config.dataset_keys)}); make the dataset write them"
+            )
         self._put(batch)
         return batch.meta()
 
@@ -260,7 +296,8 @@ class ModelWorker:
         interface = self.interfaces[mfc.name]
         device = getattr(model.module, "device", None) or "cpu"
         model.rng = torch.Generator(device=device)
-        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
+        seed_name = mfc.name if req.round == 1 else f"{mfc.name}#round{req.round}"
+        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, seed_name))
         offload = mfc.model_name in self.offloaded
         if offload:
             model.module.onload()
@@ -290,6 +327,8 @@ class ModelWorker:
             stats = interface.train_step(model, data, mfc.mb_spec)
             model.version += 1
             return stats, None
+        if mfc.interface_type == InterfaceType.EVALUATE:
+            return interface.evaluate(model, data, mfc.mb_spec), None
         call = (
             interface.generate
             if mfc.interface_type == InterfaceType.GENERATE
@@ -307,7 +346,24 @@ class ModelWorker:
             )
         out = out.select(mfc.output_keys)
         self._put(out)
-        return {}, out.meta()
+        return self._metrics(mfc, model, data, out), out.meta()
+
+    def _metrics(
+        self, mfc: MFCDef, model: Model, inputs: SequenceSample, out: SequenceSample
+    ) -> dict[str, float]:
+        """The configured metric functions on a call's inputs and outputs together."""
+        if not self.metric_fns:
+            return {}
+        data = inputs.select([k for k in inputs.keys if k not in out.keys])
+        if out.ids == data.ids:  # a sampling loop's filter returns the samples that passed only
+            data.update_(out)
+        stats: dict[str, float] = {}
+        for name, fn in self.metric_fns:
+            try:
+                stats.update(fn(mfc, data, model))
+            except Exception as e:
+                raise RuntimeError(f"metric '{name}' failed on MFC '{mfc.name}': {e}") from e
+        return stats
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ def build(
     state: dict[str, torch.Tensor] | None = None,
     dp_group: object = None,
     bf16: bool = False,
+    offload: bool = False,
     **optim: float | str,
 ) -> TrainEngine:
     """A fresh engine on a seeded TinyLM (with weights `state` loaded when given)."""
@@ -77,7 +78,7 @@ def build(
     if state is not None:
         model.load_state_dict(state)
     optim_cfg = OptimizerConfig(**{"lr": 1e-2, "warmup_steps_proportion": 0.2, **optim})
-    engine_cfg = EngineConfig(backend=backend, zero_stage=zero_stage, bf16=bf16)
+    engine_cfg = EngineConfig(backend=backend, zero_stage=zero_stage, bf16=bf16, offload=offload)
     return build_train_engine(model, engine_cfg, optim_cfg, total_steps, dp_group=dp_group)
 
 

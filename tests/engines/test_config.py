@@ -1,3 +1,5 @@
+import pytest
+
 from realflow.api.config import validate
 from realflow.engines import EngineConfig, OptimizerConfig
 
@@ -74,3 +76,26 @@ def test_importing_engines_is_cheap():
         [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
     )
     assert out.stdout.split("\n")[:2] == ["[]", "['torch']"], out.stdout + out.stderr
+
+
+def test_role_precision_and_offload_keys_are_checked_before_a_run():
+    """`<role>.save_dtype` is strict and documented; offload on deepspeed is refused up front."""
+    from realflow.api.config import ConfigError, apply_overrides, describe_fields
+    from realflow.experiments.sft import SFTConfig
+
+    cfg = apply_overrides(SFTConfig, ["actor.save_dtype=bfloat16", "actor.offload=true"])
+    assert cfg.actor.engine_config().save_dtype == "bfloat16"
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(
+            SFTConfig, ["actor.save_dtype=bf16", "actor.backend=deepspeed", "actor.offload=true"]
+        )
+    problems = err.value.problems
+    assert any(
+        p.startswith("actor.save_dtype: 'bf16' is not one of 'auto', 'float32', 'bfloat16'")
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("actor.offload (true) is not supported with backend 'deepspeed'")
+        for p in problems
+    ), problems
+    assert "actor.save_dtype" in describe_fields(SFTConfig)

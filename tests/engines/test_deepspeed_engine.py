@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from engine_testutils import build, make_batch, train, weights
+from engine_testutils import build, make_batch, make_model, train, weights
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -62,9 +62,12 @@ def test_zero_grad_accumulation_is_exact(stage):
         torch.testing.assert_close(w1[k], w3[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("stage, bf16", [(0, False), (2, False), (3, False), (2, True)])
+@pytest.mark.parametrize(
+    "stage, bf16", [(0, False), (2, False), (3, False), (0, True), (2, True), (3, True)]
+)
 def test_zero_resume_is_bit_identical(stage, bf16):
-    """With bf16 the saved weights are bf16: the fp32 master weights come from the state."""
+    """Saved as bf16 weights (the engine's are fp32 masters), the resumed fp32 master weights
+    come from the optimizer state."""
     data = batches()
     straight = build("deepspeed", zero_stage=stage, bf16=bf16)
     train(straight, data, n_mbs=2)
@@ -72,9 +75,9 @@ def test_zero_resume_is_bit_identical(stage, bf16):
     first = build("deepspeed", zero_stage=stage, bf16=bf16)
     train(first, data[:3], n_mbs=2)
     state, saved_weights = first.state_dict(), weights(first)
-    assert all(
-        v.dtype == (torch.bfloat16 if bf16 else torch.float32) for v in saved_weights.values()
-    )
+    assert all(v.dtype == torch.float32 for v in saved_weights.values())
+    if bf16:
+        saved_weights = {k: v.to(torch.bfloat16) for k, v in saved_weights.items()}
     resumed = build("deepspeed", zero_stage=stage, bf16=bf16, seed=7, state=saved_weights)
     resumed.load_state_dict(state)
     assert resumed.step == 3
@@ -82,6 +85,17 @@ def test_zero_resume_is_bit_identical(stage, bf16):
     expected, got = weights(straight), weights(resumed)
     for k, v in expected.items():
         assert torch.equal(v, got[k]), k
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bf16_masters_of_fp32_weights_are_exact(stage):
+    """deepspeed builds its fp32 masters from the bf16 cast of the module; the engine writes
+    the exact fp32 values back, so bf16 compute does not round the starting point."""
+    start = make_model(0).state_dict()
+    got = weights(build("deepspeed", zero_stage=stage, bf16=True))
+    assert got.keys() == start.keys()
+    for k, v in start.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v), k
 
 
 def test_forward_no_grad_and_module():

@@ -153,17 +153,18 @@ def test_inference_engine_and_offload_are_noops_on_cpu(caplog):
     model = make_model()
     engine = InferenceEngine(model, EngineConfig(offload=True, bf16=True))
     batch = make_batch(2)
-    with caplog.at_level(logging.INFO, logger="realflow.engines.train"):
+    with caplog.at_level(logging.INFO, logger="realflow.engines.offload"):
         engine.offload()
         engine.onload()
-    assert "no-op" in caplog.text
+    assert "nothing to move (it is on cpu)" in caplog.text and not engine.offloaded
     out = engine.forward_no_grad(lambda m: m(batch.data["ids"], batch.cu_seqlens("ids")))
     assert out.dtype == torch.bfloat16 and model.training
     train_engine = build()
-    with caplog.at_level(logging.INFO, logger="realflow.engines.train"):
+    with caplog.at_level(logging.INFO, logger="realflow.engines.offload"):
         train_engine.offload()
         train_engine.onload()
-    assert caplog.text.count("no-op") == 4
+    assert caplog.text.count("nothing to move") == 2
+    assert "nothing to move (offload is off)" in caplog.text
 
 
 def test_misuse_raises_clear_errors():

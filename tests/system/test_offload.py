@@ -1,5 +1,5 @@
 """<role>.offload on a never-trained role: the worker offloads it after setup and around each
-call (a logged no-op on CPU), and the numbers are those of a run without offload."""
+call (on CPU nothing moves, logged once), and the numbers are those of a run without offload."""
 
 import logging
 
@@ -22,10 +22,10 @@ def _dpo(tmp_path, name: str, offload: bool) -> list[dict]:
 
 def test_offloaded_ref_gives_the_same_losses(tmp_path, caplog):
     plain = _dpo(tmp_path, "plain", offload=False)
-    with caplog.at_level(logging.INFO, logger="realflow.engines.train"):
+    with caplog.at_level(logging.INFO, logger="realflow.engines.offload"):
         offloaded = _dpo(tmp_path, "offload", offload=True)
     messages = [r.getMessage() for r in caplog.records]
-    # once after setup, then once per ref call (2 steps), each with its onload
-    assert sum("offload of" in m for m in messages) == 3
-    assert sum("onload of" in m for m in messages) == 2
+    # on CPU nothing moves: said once, not per call (tests/system/test_offload_trained.py
+    # counts the worker's offload and onload calls)
+    assert sum("nothing to move" in m for m in messages) == 1
     assert [r["loss"] for r in offloaded] == [r["loss"] for r in plain]
