@@ -7,11 +7,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# --no-build-isolation: setup.py compiles csrc/ against the torch installed just before (an
+# isolated build would not see it, and realflow would fall back to its pure-torch interval ops).
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77' wheel
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,4 +28,4 @@ lint: install
 	$(VENV)/bin/ruff check realflow tests benchmarks experiments
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build realflow/parallel/_interval_ops*.so

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -157,6 +158,65 @@ def plain_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, temperature:
     return x.gather(-1, tokens_B[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
+class DecodeStep(Protocol):
+    """How one forward + sampling step runs: on one device (`LocalDecodeStep`) or across
+    tensor / pipeline-parallel ranks (realflow.parallel.generate)."""
+
+    def logits(
+        self,
+        ids_T: torch.Tensor,
+        seqs: PackedSeqs,
+        position_ids_T: torch.Tensor,
+        cache: KVCache,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Next-token logits `logits_BV` of `rows` of the hidden states (all rows when None);
+        None on a rank that does not sample."""
+        ...
+
+    def pick(
+        self, logits_BV: torch.Tensor | None, step: int, stop_ids: torch.Tensor, n_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens_B, logprobs_B, plain_logprobs_B) of new step `step` for the `n_rows` active
+        rows, the same on every rank (see `pick_tokens`)."""
+        ...
+
+
+class LocalDecodeStep:
+    """The whole model on one device."""
+
+    def __init__(
+        self,
+        model: PackedTransformer,
+        gconfig: GenerationConfig,
+        generator: torch.Generator | None,
+    ):
+        self.model, self.gconfig, self.generator = model, gconfig, generator
+
+    def logits(self, ids_T, seqs, position_ids_T, cache, rows):
+        h = self.model.hidden_states(ids_T, seqs, position_ids_T, cache=cache)
+        return self.model.lm_head(h if rows is None else h[rows])
+
+    def pick(self, logits_BV, step, stop_ids, n_rows):
+        return pick_tokens(logits_BV, step, stop_ids, self.gconfig, self.generator)
+
+
+def pick_tokens(
+    logits_BV: torch.Tensor,
+    step: int,
+    stop_ids: torch.Tensor,
+    gconfig: GenerationConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_tokens`, with stop tokens banned before `min_new_tokens`; also returns the
+    tokens' log-probs under the unfiltered distribution (`plain_logprobs`)."""
+    draw_BV = logits_BV
+    if step < gconfig.min_new_tokens and stop_ids.numel():
+        draw_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
+    tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator)
+    return tok_B, logp_B, plain_logprobs(logits_BV, tok_B, plain_temperature(gconfig))
+
+
 @torch.no_grad()
 def generate(
     model: PackedTransformer,
@@ -165,16 +225,24 @@ def generate(
     gconfig: GenerationConfig,
     generator: torch.Generator | None = None,
     n_per_prompt: int = 1,
+    step: DecodeStep | None = None,
 ) -> GenerationOutput:
     """Continue every packed prompt `n_per_prompt` times (outputs in order: prompt 0's answers,
     then prompt 1's...); see the module docstring. Deterministic under `generator`.
 
     A prompt's answers share one prefill: its keys/values are computed once and copied to each
-    answer's cache row, which gives the same numbers as prefilling every copy."""
+    answer's cache row, which gives the same numbers as prefilling every copy. `step` runs the
+    forward and sampling (default: `LocalDecodeStep`, the whole model here);
+    realflow.parallel.generate passes one that spans tensor / pipeline-parallel ranks."""
     if model.head != "lm":
         raise ValueError(f"generate needs a model with head 'lm', got {model.head!r}")
     if n_per_prompt < 1:
         raise ValueError(f"n_per_prompt ({n_per_prompt}) must be >= 1")
+    if step is None and model.shard is not None:
+        raise ValueError(
+            f"this model is one shard ({model.shard}) of a parallel layout: generate with "
+            "realflow.parallel.generate.parallel_generate"
+        )
     cfg = model.config
     seqs = check_packed(input_ids_T, cu_seqlens_B1, cfg)
     max_len = seqs.max_seqlen + gconfig.max_new_tokens
@@ -189,15 +257,15 @@ def generate(
         sorted(set(eos) | set(gconfig.stop_token_ids)), device=device, dtype=torch.long
     )
     b = len(seqs.seqlens) * n_per_prompt
-    cache = KVCache(
-        cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, max_len, _cache_dtype(model), device
-    )
+    n_layers, n_kv, head_dim = model.kv_cache_dims()
+    cache = KVCache(n_layers, b, n_kv, head_dim, max_len, _cache_dtype(model), device)
+    step = LocalDecodeStep(model, gconfig, generator) if step is None else step
     was_training = model.training
     model.eval()
     try:
         with model.autocast():
             tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B = _decode_loop(
-                model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, n_per_prompt
+                step, input_ids_T, seqs, cache, gconfig, stop_ids, n_per_prompt
             )
     finally:
         model.train(was_training)
@@ -217,10 +285,10 @@ def generate(
 def _cache_dtype(model: PackedTransformer) -> torch.dtype:
     if model.config.autocast_dtype is not None:
         return getattr(torch, model.config.autocast_dtype)
-    return model.embed_tokens.weight.dtype
+    return next(model.parameters()).dtype
 
 
-def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, n_per_prompt):
+def _decode_loop(step: DecodeStep, input_ids_T, seqs, cache, gconfig, stop_ids, n_per_prompt):
     """Prefill, then one batched step per new token over the active rows only.
 
     Returns tokens_BN, logprobs_BN, plain_logprobs_BN (N = max_new_tokens, valid up to lens_B),
@@ -231,30 +299,28 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, 
     tokens_BN = torch.zeros(b, n_new, dtype=torch.long, device=device)
     logprobs_BN = torch.zeros(b, n_new, dtype=torch.float32, device=device)
     plain_BN = logprobs_BN.clone()
-    plain_t = plain_temperature(gconfig)
     lens_B = torch.zeros(b, dtype=torch.long, device=device)
     stopped_B = torch.zeros(b, dtype=torch.bool, device=device)
 
     positions_T = seqs.position_ids_T()
     cache.start_prefill(seqs, positions_T, n_per_prompt)
-    h_TD = model.hidden_states(input_ids_T, seqs, positions_T, cache=cache)
+    logits_BV = step.logits(
+        input_ids_T, seqs, positions_T, cache, seqs.cu_seqlens_B1[1:].long() - 1
+    )
     cache.share_prefill()
-    logits_BV = model.lm_head(h_TD[seqs.cu_seqlens_B1[1:].long() - 1])
-    if n_per_prompt > 1:
+    if n_per_prompt > 1 and logits_BV is not None:
         logits_BV = logits_BV.repeat_interleave(n_per_prompt, dim=0)
     active_B = torch.arange(b, device=device)  # original index of each active row
     step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
-    for step in range(n_new):
-        masked = step < gconfig.min_new_tokens and stop_ids.numel() > 0
-        draw_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf")) if masked else logits_BV
-        tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator)
-        tokens_BN[active_B, step] = tok_B
-        logprobs_BN[active_B, step] = logp_B
-        plain_BN[active_B, step] = plain_logprobs(logits_BV, tok_B, plain_t)
+    for i in range(n_new):
+        tok_B, logp_B, plain_B = step.pick(logits_BV, i, stop_ids, active_B.numel())
+        tokens_BN[active_B, i] = tok_B
+        logprobs_BN[active_B, i] = logp_B
+        plain_BN[active_B, i] = plain_B
         lens_B[active_B] += 1
         is_stop_B = torch.isin(tok_B, stop_ids)
         stopped_B[active_B] = is_stop_B
-        if step + 1 == n_new:
+        if i + 1 == n_new:
             break
         if bool(is_stop_B.any()):
             keep = (~is_stop_B).nonzero().squeeze(-1)
@@ -266,7 +332,6 @@ def _decode_loop(model, input_ids_T, seqs, cache, gconfig, stop_ids, generator, 
         if n_act != len(step_seqs.seqlens):
             step_seqs = PackedSeqs(step_seqs.cu_seqlens_B1[: n_act + 1], [1] * n_act, 1)
         positions_B = cache.start_decode_step()
-        h_BD = model.hidden_states(tok_B, step_seqs, positions_B, cache=cache)
+        logits_BV = step.logits(tok_B, step_seqs, positions_B, cache, None)
         cache.end_decode_step()
-        logits_BV = model.lm_head(h_BD)
     return tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B

@@ -1,8 +1,9 @@
 """Building blocks of the packed transformer: norms, rotary embeddings, MLP, attention.
 
-Every projection is a plain `nn.Linear` attribute with an HF-like name (`q_proj`, `k_proj`,
-`v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`) so that tensor parallelism can later
-shard them column- or row-wise by name. Tensors are packed: T tokens, no batch axis.
+Every projection is an `nn.Linear` attribute with an HF-like name (`q_proj`, `k_proj`,
+`v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`); with a `ShardSpec` of tp > 1 they
+hold this rank's block (realflow.parallel.partition) and o_proj / down_proj are row-parallel.
+Tensors are packed: T tokens, no batch axis.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 from realflow.models.attention import PackedSeqs, varlen_attention
 from realflow.models.config import RopeScaling, TransformerConfig
+from realflow.parallel.partition import ShardSpec, kv_head_range, q_head_range, split_range
+from realflow.parallel.tp import ReplicatedHeadLinear, RowParallelLinear, copy_to_tp
 
 
 class RMSNorm(nn.Module):
@@ -95,18 +98,35 @@ _ACTIVATIONS = {
 }
 
 
-class MLP(nn.Module):
-    """Gated (`down(act(gate(x)) * up(x))`, llama) or plain (`down(act(up(x)))`, gpt2) MLP."""
+def _tp(shard: ShardSpec | None) -> ShardSpec | None:
+    """The spec when it splits tensors (tp > 1), else None: the plain single-device layers."""
+    return shard if shard is not None and shard.tp_size > 1 else None
 
-    def __init__(self, cfg: TransformerConfig):
+
+class MLP(nn.Module):
+    """Gated (`down(act(gate(x)) * up(x))`, llama) or plain (`down(act(up(x)))`, gpt2) MLP.
+
+    Under tensor parallelism gate/up are column-parallel and down row-parallel (see
+    realflow.parallel.partition)."""
+
+    def __init__(self, cfg: TransformerConfig, shard: ShardSpec | None = None):
         super().__init__()
-        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        d, bias, tp = cfg.hidden_size, cfg.mlp_bias, _tp(shard)
+        f = cfg.intermediate_size
+        if tp is not None:
+            a, b = split_range(f, tp.tp_size, tp.tp_rank)
+            f = b - a
         self.gate_proj = nn.Linear(d, f, bias=bias) if cfg.gated_mlp else None
         self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.down_proj = (
+            nn.Linear(f, d, bias=bias) if tp is None else RowParallelLinear(f, d, bias, tp.tp_group)
+        )
         self.act = _ACTIVATIONS[cfg.activation]
+        self.tp_group = None if tp is None else tp.tp_group
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            x_TD = copy_to_tp(x_TD, self.tp_group)
         if self.gate_proj is not None:
             return self.down_proj(self.act(self.gate_proj(x_TD)) * self.up_proj(x_TD))
         return self.down_proj(self.act(self.up_proj(x_TD)))
@@ -124,20 +144,40 @@ class ForwardContext:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention over a packed batch."""
+    """Multi-head / grouped-query causal self-attention over a packed batch.
 
-    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+    `layer_idx` indexes the KV cache. Under tensor parallelism each rank holds n_heads / tp
+    query heads and the kv heads they read (split, or replicated when tp > n_kv_heads); o_proj
+    is row-parallel."""
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, shard: ShardSpec | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d, hd = cfg.hidden_size, cfg.head_dim
+        d, hd, tp = cfg.hidden_size, cfg.head_dim, _tp(shard)
+        self.tp_group = None if tp is None else tp.tp_group
+        if tp is not None:
+            q0, q1 = q_head_range(cfg.n_heads, tp.tp_size, tp.tp_rank)
+            k0, k1 = kv_head_range(cfg.n_kv_heads, tp.tp_size, tp.tp_rank)
+            self.n_heads, self.n_kv_heads = q1 - q0, k1 - k0
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        if tp is None or cfg.n_kv_heads % tp.tp_size == 0:
+            self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        else:  # one kv head per rank, held by tp // n_kv_heads ranks
+            rep = (hd, cfg.qkv_bias, tp.tp_group, k0, cfg.n_kv_heads)
+            self.k_proj = ReplicatedHeadLinear(d, *rep)
+            self.v_proj = ReplicatedHeadLinear(d, *rep)
+        self.o_proj = (
+            nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+            if tp is None
+            else RowParallelLinear(self.n_heads * hd, d, cfg.o_bias, tp.tp_group)
+        )
         self.scale = hd**-0.5
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.tp_group is not None:
+            x_TD = copy_to_tp(x_TD, self.tp_group)
         t = x_TD.shape[0]
         q = self.q_proj(x_TD).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x_TD).view(t, self.n_kv_heads, self.head_dim)
@@ -158,12 +198,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
 
-    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, shard: ShardSpec | None = None):
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = Attention(cfg, layer_idx, shard)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), ctx)
