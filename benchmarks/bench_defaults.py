@@ -33,7 +33,14 @@ KEY = {
 
 
 def run_one(exp: str, out: str) -> dict:
-    cmd = [sys.executable, "-m", "realflow.quickstart", exp, f"output_dir={out}", "progress_bar=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "realflow.quickstart",
+        exp,
+        f"output_dir={out}",
+        "progress_bar=false",
+    ]
     t0 = time.time()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     before, cpu0 = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
@@ -50,8 +57,14 @@ def run_one(exp: str, out: str) -> dict:
     last = sum(r[key] for r in rows[-n:]) / n
     step_s = sum(r["time/step_s"] for r in rows) / len(rows)
     return {
-        "exp": exp, "steps": len(rows), "key": key, "first": first, "last": last,
-        "step_s": step_s, "wall_s": wall, "cpu_s": cpu,
+        "exp": exp,
+        "steps": len(rows),
+        "key": key,
+        "first": first,
+        "last": last,
+        "step_s": step_s,
+        "wall_s": wall,
+        "cpu_s": cpu,
         # ru_maxrss of children is the max over all children so far: exact for the first run,
         # an upper bound for later ones unless they grow past it.
         "peak_rss_mib": max(peak_kb, before) / 1024,

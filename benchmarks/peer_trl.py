@@ -77,7 +77,9 @@ def build_fixtures(root: str) -> None:
     rng = random.Random(0)
 
     def text(lo: int, hi: int) -> str:
-        return " ".join(f"t{rng.randrange(3, MODEL['vocab_size'])}" for _ in range(rng.randint(lo, hi)))
+        return " ".join(
+            f"t{rng.randrange(3, MODEL['vocab_size'])}" for _ in range(rng.randint(lo, hi))
+        )
 
     with open(os.path.join(root, "prompts.jsonl"), "w") as f:
         for _ in range(N_ROWS):
@@ -111,7 +113,10 @@ def _timed(fn) -> float:
 def forward_gflops(seq_lens: list[int]) -> float:
     """Model FLOPs of one forward pass over sequences of these lengths (matmuls + attention)."""
     m = MODEL
-    h, kv = m["hidden_size"], m["hidden_size"] * m["num_key_value_heads"] // m["num_attention_heads"]
+    h, kv = (
+        m["hidden_size"],
+        m["hidden_size"] * m["num_key_value_heads"] // m["num_attention_heads"],
+    )
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * m["intermediate_size"]  # q,o + k,v + mlp
     per_token = 2 * (m["num_hidden_layers"] * per_layer + h * m["vocab_size"])
     tokens = sum(seq_lens)
@@ -160,7 +165,9 @@ def run_realflow(
     result = run(workload, cfg)
     rows = result.rows[warmup:]
     with open(os.path.join(out_dir, "trace.json")) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e["ph"] == "X" and "version" in e["args"]]
+        events = [
+            e for e in json.load(f)["traceEvents"] if e["ph"] == "X" and "version" in e["args"]
+        ]
     phases: dict[str, list[float]] = {}
     for e in events:
         if e["args"]["step"] > warmup:
@@ -305,7 +312,11 @@ def work_per_step(workload: str, fixtures: str) -> dict:
         gen = full - (g - 1) * forward_gflops(prompts) / 8
         return {"tokens": new * n * g, "fwd_gflop": full, "gen_gflop": gen}  # generated tokens
     rows = [json.loads(x) for x in open(os.path.join(fixtures, "pairs.jsonl"))]
-    lens = [len(ids(r["prompt"])) + len(ids(r[k])) + 1 for r in rows[: 8 * DPO["n_pairs"]] for k in ("chosen", "rejected")]
+    lens = [
+        len(ids(r["prompt"])) + len(ids(r[k])) + 1
+        for r in rows[: 8 * DPO["n_pairs"]]
+        for k in ("chosen", "rejected")
+    ]
     return {"tokens": sum(lens) / 8, "fwd_gflop": forward_gflops(lens) / 8}
 
 
@@ -359,7 +370,9 @@ def summarise(results: dict, work: dict, peaks: list[float]) -> str:
         for side in sorted(s for s in sides if s != "trl" and "trl" in sides):
             r = sides["trl"] / sides[side]
             met = "met" if r >= target[workload] else "not met"
-            lines.append(f"- {workload}: TRL/{side} = {r:.2f}x (goal >= {target[workload]}x: {met})")
+            lines.append(
+                f"- {workload}: TRL/{side} = {r:.2f}x (goal >= {target[workload]}x: {met})"
+            )
     lines += goals
     return "\n".join(lines)
 
@@ -386,7 +399,9 @@ def _efficiency(workload: str, phases: dict, work: dict, peak: float) -> list[st
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child_main(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--trl-python", required=True, help="python of the venv with TRL installed")
     p.add_argument("--workloads", default="grpo,dpo")
     p.add_argument("--rounds", type=int, default=3)
