@@ -183,9 +183,9 @@ def adapter_names(module: nn.Module) -> list[str]:
 def _switchable(module: nn.Module) -> list[nn.Module]:
     """peft's tuner layers and modules_to_save wrappers (both have enable_adapters)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from peft.utils import ModulesToSaveWrapper
 
-    kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    kinds = (BaseTunerLayer, ModulesToSaveWrapper)
     return [m for m in module.modules() if isinstance(m, kinds)]
 
 

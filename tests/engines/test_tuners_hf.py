@@ -161,3 +161,14 @@ def test_unknown_target_and_peft_argument_are_clear_errors(hf_dirs):
     with pytest.raises(AdapterError, match="LoraConfig has no field 'rank'"):
         apply_adapters(module, AdapterSpec("lora", ("q_proj",), {"rank": 4}), 0, "")
     assert VOCAB == module.config.vocab_size
+
+
+def test_an_adapter_directory_given_as_a_model_path_says_what_to_give(hf_dirs, tmp_path):
+    spec = AdapterSpec("lora", ("all-linear",), {"r": 4})
+    save_adapters(adapted_engine(hf_dirs["llama"], spec, save_merged=True), tmp_path / "a")
+    with pytest.raises(ValueError, match="is a peft adapter directory, not a model") as info:
+        load_hf(tmp_path / "a", load_tokenizer=False)
+    assert "base_model_name_or_path" in str(info.value) and "merged/" in str(info.value)
+    with pytest.raises(ValueError, match="no config.json"):  # any other directory
+        load_hf(tmp_path, load_tokenizer=False)
+    assert load_hf(tmp_path / "a" / "merged", load_tokenizer=False).model is not None
