@@ -17,13 +17,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "realflow.quickstart", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     return proc
 
@@ -116,7 +116,8 @@ def test_worker_indices_with_gaps_run_like_the_default_allocation(tmp_path):
     for name, allocation in (("gaps", ["allocation.actor=7", "allocation.ref=3"]), ("plain", [])):
         out = tmp_path / name
         args = ["total_steps=2", "n_seqs=4", "progress_bar=false", "tensorboard=false"]
-        proc = run_cli("dpo", *args, *allocation, f"output_dir={out}")
+        # The first run may train the built-in SFT model (minutes on a loaded machine).
+        proc = run_cli("dpo", *args, *allocation, f"output_dir={out}", timeout=900)
         assert proc.returncode == 0, proc.stderr
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses.append([row["loss"] for row in rows])
@@ -126,12 +127,12 @@ def test_worker_indices_with_gaps_run_like_the_default_allocation(tmp_path):
 def test_unknown_experiment_lists_the_registered_ones_and_the_closest():
     err = user_error("ppoo", "--dry-run")
     assert "unknown experiment 'ppoo'. Did you mean 'ppo'?" in err
-    assert "dpo, grpo, ppo, rw, sft" in err
+    assert "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
 
 
 def test_no_experiment_lists_them_too():
     err = user_error("--dry-run", "n_seqs=3")
-    assert "name an experiment" in err and "dpo, grpo, ppo, rw, sft" in err
+    assert "name an experiment" in err and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
 
 
 def test_unknown_option():
@@ -197,7 +198,7 @@ def test_help_lists_fields_with_type_default_and_doc():
 
 def test_general_help_lists_experiments():
     proc = run_cli("--help")
-    assert proc.returncode == 0 and "dpo, grpo, ppo, rw, sft" in proc.stdout
+    assert proc.returncode == 0 and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in proc.stdout
 
 
 # ---- runs ------------------------------------------------------------------------------------

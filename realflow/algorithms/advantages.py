@@ -98,7 +98,8 @@ def group_normalized_advantages(
 
     ``scores_B`` holds consecutive groups (answers to the same prompt) of ``group_sizes`` entries.
     ``scale_by_std=False`` only subtracts the group mean (Dr. GRPO). The std is unbiased (n-1) by
-    default; a group of one has std 0. Broadcast to tokens with ``packed.broadcast_to_tokens``.
+    default; a group of one has std 0, and a group of equal scores has advantage exactly 0.
+    Broadcast to tokens with ``packed.broadcast_to_tokens``.
     """
     sizes = torch.as_tensor(group_sizes, dtype=torch.int64, device=scores_B.device)
     if sizes.dim() != 1 or int(sizes.sum()) != scores_B.shape[0] or bool((sizes < 1).any()):
@@ -108,8 +109,11 @@ def group_normalized_advantages(
     cu = cu_seqlens_from_lens(sizes, device=scores_B.device)
     seg = segment_ids(cu)
     x = scores_B.to(torch.promote_types(scores_B.dtype, torch.float32))
-    mean_G = segment_sum(x, cu) / sizes
-    centered = x - mean_G[seg]
+    # Centred on each group's first score, so that a group of equal scores is exactly 0 (a float
+    # sum of n equal values over n is not the value, and / (std + eps) would magnify the residue).
+    d = x - x[cu[:-1]][seg]
+    mean_G = segment_sum(d, cu) / sizes
+    centered = d - mean_G[seg]
     if not scale_by_std:
         return centered
     denom_G = (sizes - 1).clamp_min(1) if unbiased else sizes

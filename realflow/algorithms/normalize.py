@@ -19,15 +19,31 @@ def masked_mean(x_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
     return masked_sum(x_T, mask_T) / m.sum().clamp_min(1.0)
 
 
+def first_masked(x_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
+    """The first value of ``x_T`` where ``mask_T`` is non-zero (0 when there is none), detached.
+
+    Centring ``x - first`` before taking a mean makes constant values centre to exactly 0: a float
+    sum of n equal values divided by n is not exactly that value (8 x 2.9 in float32), and a
+    whitening or group normalisation turns that residue into a visible advantage.
+    """
+    if x_T.numel() == 0:
+        return x_T.new_zeros(())
+    nonzero_T = mask_T != 0
+    i = nonzero_T.to(torch.int32).argmax()
+    return torch.where(nonzero_T[i], x_T[i], torch.zeros_like(x_T[i])).detach()
+
+
 def masked_var(x_T: torch.Tensor, mask_T: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x_T`` over the mask (a scalar). ``unbiased`` uses n-1 in the denominator.
 
-    Returns 0 when fewer than 2 (unbiased) or 1 (biased) positions are masked in.
+    Returns 0 when fewer than 2 (unbiased) or 1 (biased) positions are masked in, and exactly 0
+    when the masked-in values are all equal.
     """
     m = mask_T.to(x_T.dtype)
     n = m.sum()
-    mean = masked_sum(x_T, mask_T) / n.clamp_min(1.0)
-    ss = ((x_T - mean) ** 2 * m).sum()
+    d_T = x_T - first_masked(x_T, mask_T)
+    mean = masked_sum(d_T, mask_T) / n.clamp_min(1.0)
+    ss = ((d_T - mean) ** 2 * m).sum()
     denom = n - 1 if unbiased else n
     return torch.where(denom > 0, ss / denom.clamp_min(1.0), torch.zeros_like(ss))
 
@@ -42,13 +58,16 @@ def masked_whiten(
     """Whiten ``x_T`` with its masked mean/variance: ``(x - mean) / sqrt(var + eps)``.
 
     With ``shift_mean=False`` the mean is added back (scale only). Masked-out positions are set to
-    0, so the result can be used directly as advantages. Shape ``[T]`` in and out.
+    0, so the result can be used directly as advantages. Equal masked-in values whiten to exactly
+    0 (or, with ``shift_mean=False``, to themselves). Shape ``[T]`` in and out.
     """
-    mean = masked_mean(x_T, mask_T)
+    first = first_masked(x_T, mask_T)
+    d_T = x_T - first
+    mean_d = masked_mean(d_T, mask_T)
     var = masked_var(x_T, mask_T, unbiased=unbiased)
-    out = (x_T - mean) * torch.rsqrt(var + eps)
+    out = (d_T - mean_d) * torch.rsqrt(var + eps)
     if not shift_mean:
-        out = out + mean
+        out = out + (first + mean_d)
     return out * mask_T.to(x_T.dtype)
 
 
@@ -76,8 +95,10 @@ class RunningMeanStd:
         n_b = x.numel()
         if n_b == 0:
             return
-        mean_b = x.mean()
-        m2_b = ((x - mean_b) ** 2).sum()
+        d = x - x[0]  # centred on a member: a constant batch has mean x[0] and m2 0 exactly
+        mean_d = d.mean()
+        mean_b = x[0] + mean_d
+        m2_b = ((d - mean_d) ** 2).sum()
         if self.count == 0:
             self.mean, self.var, self.count = mean_b, m2_b / n_b, n_b
             return

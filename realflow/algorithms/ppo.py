@@ -1,4 +1,4 @@
-"""PPO and GRPO losses over packed answer tokens.
+"""PPO losses, and the clipped loss of the critic-free algorithms, over packed answer tokens.
 
 All per-token inputs are ``[T1]`` tensors in the shifted log-prob space (see ``packed``); only
 positions where ``loss_mask_T1`` is set enter the losses and the statistics.
@@ -7,7 +7,6 @@ positions where ``loss_mask_T1`` is set enter the losses and the statistics.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,30 +196,95 @@ def ppo_critic_loss(
     return loss, stats
 
 
-def _token_mean(x_T1: torch.Tensor, mask_T1: torch.Tensor, cu1_B1: torch.Tensor) -> torch.Tensor:
-    return masked_mean(x_T1, mask_T1)
+# TRL GRPOConfig.loss_type names. TRL's "bnpo" (a token mean per device micro-batch) is not
+# offered: realflow's micro-batches are a memory budget that must not change the loss; "dapo"
+# is the token mean over the whole minibatch (one optimizer step), which bnpo equals when one
+# micro-batch holds the minibatch.
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def _seq_mean(x_T1: torch.Tensor, mask_T1: torch.Tensor, cu1_B1: torch.Tensor) -> torch.Tensor:
-    m = mask_T1.to(x_T1.dtype)
-    n_B = segment_sum(m, cu1_B1)
-    per_seq = segment_sum(x_T1 * m, cu1_B1) / n_B.clamp_min(1.0)
-    return per_seq.sum() / (n_B > 0).sum().clamp_min(1)
+def aggregate_loss(
+    x_T1: torch.Tensor,
+    loss_mask_T1: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    loss_type: str,
+    max_answer_tokens: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss over the answer tokens of a batch (differentiable):
 
+    - ``"grpo"``: mean over sequences (those with answer tokens) of each sequence's token mean
+      (DeepSeekMath);
+    - ``"dapo"``: mean over all answer tokens of the batch (DAPO's token-level loss);
+    - ``"dr_grpo"``: sum over all answer tokens / (number of sequences * ``max_answer_tokens``),
+      a constant normaliser (Dr. GRPO, Liu et al. 2025).
 
-LOSS_REDUCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "token_mean": _token_mean,
-    "seq_mean": _seq_mean,
-}
-
-
-def _reduction(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    fn = LOSS_REDUCTIONS.get(name)
-    if fn is None:
-        close = difflib.get_close_matches(name, LOSS_REDUCTIONS, n=1)
+    ``cu_seqlens_B1`` describes the full sequences; ``x_T1`` and the mask are ``[T1]``.
+    """
+    check_same_shape("x_T1", x_T1, "loss_mask_T1", loss_mask_T1)
+    if loss_type not in LOSS_TYPES:
+        close = difflib.get_close_matches(loss_type, LOSS_TYPES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown loss reduction {name!r}, known: {sorted(LOSS_REDUCTIONS)}{hint}")
-    return fn
+        raise ValueError(f"unknown loss_type {loss_type!r}, known: {', '.join(LOSS_TYPES)}{hint}")
+    cu1 = shifted_cu_seqlens(cu_seqlens_B1)
+    if int(cu1[-1]) != x_T1.shape[0]:
+        raise ValueError(
+            f"x_T1 has {x_T1.shape[0]} entries, cu_seqlens_B1 describes {int(cu1[-1])}"
+        )
+    if loss_type == "dapo":
+        return masked_mean(x_T1, loss_mask_T1)
+    m = loss_mask_T1.to(x_T1.dtype)
+    sum_B = segment_sum(x_T1 * m, cu1)
+    if loss_type == "grpo":
+        n_B = segment_sum(m, cu1)
+        return (sum_B / n_B.clamp_min(1.0)).sum() / (n_B > 0).sum().clamp_min(1)
+    if max_answer_tokens is None or max_answer_tokens <= 0:
+        raise ValueError(
+            f"loss_type 'dr_grpo' needs max_answer_tokens > 0, got {max_answer_tokens}"
+        )
+    return sum_B.sum() / (sum_B.numel() * max_answer_tokens)
+
+
+def policy_loss(
+    logprobs_T1: torch.Tensor,
+    old_logprobs_T1: torch.Tensor,
+    advantages_T1: torch.Tensor,
+    loss_mask_T1: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    eps_clip: float,
+    eps_clip_high: float | None = None,
+    loss_type: str = "dapo",
+    max_answer_tokens: int | None = None,
+    ref_logprobs_T1: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, PPOActorStats]:
+    """The clipped loss of the critic-free algorithms (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++).
+
+    Per token: the PPO surrogate with the ratio clipped to ``[1 - eps_clip, 1 + eps_clip_high]``
+    (DAPO's clip-higher when ``eps_clip_high > eps_clip``; None: symmetric), plus, when
+    ``ref_logprobs_T1`` is given, ``kl_beta`` times the k3 estimate of KL(pi || ref)
+    (``exp(ref_logp - logp) - (ref_logp - logp) - 1``); both reduced with
+    :func:`aggregate_loss`. Gradients flow into ``logprobs_T1`` only; ``ref_kl`` in the stats
+    is the reduced k3 term.
+    """
+    check_same_shape("logprobs_T1", logprobs_T1, "loss_mask_T1", loss_mask_T1)
+
+    def reduce(x_T1: torch.Tensor) -> torch.Tensor:
+        return aggregate_loss(x_T1, loss_mask_T1, cu_seqlens_B1, loss_type, max_answer_tokens)
+
+    pg_T1, ratio, clipped, dual = ppo_surrogate(
+        logprobs_T1, old_logprobs_T1, advantages_T1, eps_clip, dual_clip, eps_clip_high
+    )
+    pg_loss = reduce(pg_T1)
+    loss, ref_kl = pg_loss, None
+    if ref_logprobs_T1 is not None:
+        ref_kl = reduce(kl_estimate(logprobs_T1, ref_logprobs_T1.detach(), "k3"))
+        loss = loss + kl_beta * ref_kl
+    return loss, _actor_stats(pg_loss, ratio, clipped, dual, loss_mask_T1, None, ref_kl)
+
+
+# The reductions' older names, as grpo_loss takes them.
+LOSS_REDUCTIONS: dict[str, str] = {"token_mean": "dapo", "seq_mean": "grpo"}
 
 
 def grpo_loss(
@@ -239,21 +303,18 @@ def grpo_loss(
 
     ``k3_t = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1``. ``reduction``: ``"token_mean"``
     (mean over all answer tokens of the batch) or ``"seq_mean"`` (mean over sequences with answer
-    tokens of each sequence's token mean, as in DeepSeekMath). ``cu_seqlens_B1`` describes the full
-    sequences; per-token inputs are ``[T1]``. Gradients flow into ``logprobs_T1`` only.
+    tokens of each sequence's token mean, as in DeepSeekMath): :func:`policy_loss` with
+    loss_type ``"dapo"`` or ``"grpo"``. ``cu_seqlens_B1`` describes the full sequences;
+    per-token inputs are ``[T1]``. Gradients flow into ``logprobs_T1`` only.
     """
-    check_same_shape("logprobs_T1", logprobs_T1, "loss_mask_T1", loss_mask_T1)
-    reduce = _reduction(reduction)
-    cu1 = shifted_cu_seqlens(cu_seqlens_B1)
-    if int(cu1[-1]) != logprobs_T1.shape[0]:
+    loss_type = LOSS_REDUCTIONS.get(reduction)
+    if loss_type is None:
+        close = difflib.get_close_matches(reduction, LOSS_REDUCTIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"logprobs_T1 has {logprobs_T1.shape[0]} entries, cu_seqlens_B1 describes {int(cu1[-1])}"
+            f"unknown loss reduction {reduction!r}, known: {sorted(LOSS_REDUCTIONS)}{hint}"
         )
-    pg_T1, ratio, clipped, dual = ppo_surrogate(
-        logprobs_T1, old_logprobs_T1, advantages_T1, eps_clip, dual_clip
-    )
-    kl_T1 = kl_estimate(logprobs_T1, ref_logprobs_T1.detach(), "k3")
-    pg_loss = reduce(pg_T1, loss_mask_T1, cu1)
-    ref_kl = reduce(kl_T1, loss_mask_T1, cu1)
-    loss = pg_loss + beta * ref_kl
-    return loss, _actor_stats(pg_loss, ratio, clipped, dual, loss_mask_T1, None, ref_kl)
+    return policy_loss(
+        logprobs_T1, old_logprobs_T1, advantages_T1, loss_mask_T1, cu_seqlens_B1, eps_clip,
+        loss_type=loss_type, ref_logprobs_T1=ref_logprobs_T1, kl_beta=beta, dual_clip=dual_clip,
+    )  # fmt: skip

@@ -94,17 +94,31 @@ def dpo_loss(
     rejected_logratio = pi_rejected_logps_B - ref_rejected_logps_B.detach()
     logits = chosen_logratio - rejected_logratio
     loss = fn(logits, beta, label_smoothing).mean()
+    stats = dpo_stats(
+        pi_chosen_logps_B, pi_rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, beta, loss
+    )
+    return loss, stats
+
+
+def dpo_stats(
+    pi_chosen_logps_B: torch.Tensor,
+    pi_rejected_logps_B: torch.Tensor,
+    ref_chosen_logps_B: torch.Tensor,
+    ref_rejected_logps_B: torch.Tensor,
+    beta: float,
+    loss: torch.Tensor,
+) -> DPOStats:
+    """The implicit-reward statistics of B pairs (see DPOStats), whatever loss trained them."""
     with torch.no_grad():
-        chosen_r = beta * chosen_logratio.detach()
-        rejected_r = beta * rejected_logratio.detach()
-        stats = DPOStats(
+        chosen_r = beta * (pi_chosen_logps_B - ref_chosen_logps_B).detach()
+        rejected_r = beta * (pi_rejected_logps_B - ref_rejected_logps_B).detach()
+        return DPOStats(
             loss=loss.detach(),
             chosen_reward=chosen_r.mean(),
             rejected_reward=rejected_r.mean(),
             margin=(chosen_r - rejected_r).mean(),
             reward_accuracy=(chosen_r > rejected_r).to(chosen_r.dtype).mean(),
         )
-    return loss, stats
 
 
 def pairwise_rw_loss(

@@ -7,6 +7,11 @@ dataset. `build_dfg` checks the graph and names the node and key of every proble
 Keys are global names. `input_key_remap` maps a global key to the name the interface sees;
 `output_key_remap` maps the interface's output name to the global key (e.g. a ref model's
 `logprobs` become `ref_logprobs`).
+
+One MFC may be the *filter* of a sampling loop (`MFCDef.filter_loop`): it returns only the
+samples that qualify, and the MFCs upstream of it (the loop) run again on fresh dataset batches
+until `n_seqs` samples qualified; the rest of the graph then runs once on those (see
+docs/runtime.md, "Sampling loops").
 """
 
 from __future__ import annotations
@@ -53,6 +58,25 @@ class MicroBatchSpec:
 
 
 @dataclasses.dataclass
+class FilterLoop:
+    """Makes an MFC the filter of a sampling loop (DAPO's dynamic sampling, for one).
+
+    The MFC's interface returns the subset of its input samples that qualify (possibly none);
+    the MFC writes no keys. The MFCs it depends on, directly or not, form the loop: while fewer
+    than `n_seqs` samples of the step have qualified, the master loads another dataset batch and
+    runs the loop on it, at most `max_rounds` batches per step. The other MFCs then run once, on
+    exactly `n_seqs` samples: the first that qualified, in order, or, when the last batch still
+    leaves the step short, topped up with that batch's samples that did not qualify.
+    """
+
+    max_rounds: int
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise DFGError(f"FilterLoop.max_rounds ({self.max_rounds}) must be >= 1")
+
+
+@dataclasses.dataclass
 class MFCDef:
     """One node of the DFG."""
 
@@ -66,6 +90,7 @@ class MFCDef:
     input_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     output_key_remap: dict[str, str] = dataclasses.field(default_factory=dict)
     mb_spec: MicroBatchSpec = dataclasses.field(default_factory=MicroBatchSpec)
+    filter_loop: FilterLoop | None = None  # this MFC filters a sampling loop (see FilterLoop)
 
     def __post_init__(self) -> None:
         if self.interface_type not in {t.value for t in InterfaceType}:
@@ -98,6 +123,9 @@ class MFCDef:
             "output_key_remap": dict(self.output_key_remap),
             "n_seqs": self.n_seqs,
             "mb_spec": dataclasses.asdict(self.mb_spec),
+            "filter_loop": None
+            if self.filter_loop is None
+            else dataclasses.asdict(self.filter_loop),
         }
 
 
@@ -109,6 +137,12 @@ class DataflowGraph:
         self.graph = graph
         self.dataset_keys = dataset_keys
         self.order: list[str] = list(nx.lexicographical_topological_sort(graph, key=self._rank))
+        filters = [n for n in self.order if self.mfc(n).filter_loop is not None]
+        self.filter: MFCDef | None = self.mfc(filters[0]) if filters else None
+        # The sampling loop: the filter and every MFC it depends on (empty without a filter).
+        self.loop: frozenset[str] = (
+            frozenset({filters[0], *nx.ancestors(graph, filters[0])}) if filters else frozenset()
+        )
 
     def _rank(self, name: str) -> int:
         return self.graph.nodes[name]["index"]
@@ -146,6 +180,17 @@ class DataflowGraph:
     def to_json(self) -> dict[str, Any]:
         return {"nodes": [m.to_json() for m in self.mfcs], "edges": self.edges()}
 
+    def loop_summary(self) -> str:
+        """One line saying what the sampling loop does; empty without one."""
+        if self.filter is None:
+            return ""
+        body = [n for n in self.order if n in self.loop and n != self.filter.name]
+        return (
+            f"loop: {', '.join(body) or '(dataset only)'} -> {self.filter.name} repeat on fresh "
+            f"batches until n_seqs samples pass {self.filter.name} (at most "
+            f"{self.filter.filter_loop.max_rounds} batches a step); the other MFCs run after it"
+        )
+
     def summary(self) -> str:
         """A readable table of the nodes and the edges."""
         lines = [f"dataset keys: {', '.join(sorted(self.dataset_keys)) or '(none)'}"]
@@ -157,6 +202,8 @@ class DataflowGraph:
             )
         for e in self.edges():
             lines.append(f"  {e['src']} -> {e['dst']}  ({', '.join(e['keys'])})")
+        if self.filter is not None:
+            lines.append("  " + self.loop_summary())
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -174,8 +221,26 @@ class DataflowGraph:
                 rows.append(f'  dataset -> "{m.name}" [label="{", ".join(from_data)}"];')
         for e in self.edges():
             rows.append(f'  "{e["src"]}" -> "{e["dst"]}" [label="{", ".join(e["keys"])}"];')
+        rows.extend(self._loop_dot())
         rows.append("}")
         return "\n".join(rows) + "\n"
+
+    def _loop_dot(self) -> list[str]:
+        """Dashed edges of the sampling loop: back to the loop's sources, and on to the MFCs that
+        wait for it (those outside the loop that read a key the loop writes)."""
+        if self.filter is None:
+            return []
+        f = self.filter.name
+        rounds = self.filter.filter_loop.max_rounds
+        rows = [
+            f'  "{f}" -> "{n}" [style=dashed, constraint=false, label="refill (<= {rounds} batches)"];'
+            for n in self.order
+            if n in self.loop and n != f and self.graph.in_degree(n) == 0
+        ]
+        for n in self.order:
+            if n not in self.loop and any(p in self.loop for p in self.graph.predecessors(n)):
+                rows.append(f'  "{f}" -> "{n}" [style=dashed, label="n_seqs passed"];')
+        return rows
 
     def to_svg(self) -> str:
         """A layered SVG picture (no graphviz needed): one row per topological generation."""
@@ -248,6 +313,7 @@ def build_dfg(mfcs: Sequence[MFCDef], dataset_keys: Iterable[str] | None = None)
                         f"MFC '{m.name}' reads key '{key}', which no MFC writes and the dataset "
                         f"does not provide (dataset keys: {sorted(provided)})"
                     )
+    errors.extend(_filter_loop_errors(mfcs))
     if errors:
         raise DFGError("invalid dataflow graph:\n  " + "\n  ".join(errors))
 
@@ -272,7 +338,35 @@ def build_dfg(mfcs: Sequence[MFCDef], dataset_keys: Iterable[str] | None = None)
     if cycle:
         hops = ", ".join(f"'{u}' -> '{v}' via {graph.edges[u, v]['keys']}" for u, v in cycle)
         raise DFGError(f"invalid dataflow graph: cycle {hops}")
+    for m in mfcs:
+        if m.filter_loop is not None:
+            trained = sorted(
+                n for n in nx.ancestors(graph, m.name) if graph.nodes[n]["mfc"].is_train
+            )
+            if trained:
+                raise DFGError(
+                    f"invalid dataflow graph: the sampling loop of filter '{m.name}' holds "
+                    f"train_step MFCs {trained}; a loop may only generate and score"
+                )
     return DataflowGraph(graph, provided)
+
+
+def _filter_loop_errors(mfcs: Sequence[MFCDef]) -> list[str]:
+    filters = [m for m in mfcs if m.filter_loop is not None]
+    errors = []
+    if len(filters) > 1:
+        errors.append(
+            f"MFCs {[m.name for m in filters]} all have a filter_loop; a graph may have one"
+        )
+    for m in filters:
+        if m.is_train:
+            errors.append(f"MFC '{m.name}' is a train_step and cannot filter a sampling loop")
+        if m.output_keys:
+            errors.append(
+                f"filter MFC '{m.name}' writes keys {list(m.output_keys)}; a filter writes none "
+                "(samples topped up at the max_rounds cap would lack them)"
+            )
+    return errors
 
 
 def write_dfg_files(dfg: DataflowGraph, directory: str) -> None:

@@ -155,7 +155,14 @@ MODEL_FAMILIES: Registry[Any] = Registry("model family", ("realflow.models.famil
 REWARD_SCORERS: Registry[Any] = Registry(
     "reward scorer",
     ("realflow.interfaces.scorers",),
-    builtin_names=("embedding_similarity", "hf_classifier", "model", "python", "task"),
+    builtin_names=(
+        "embedding_similarity",
+        "hf_classifier",
+        "model",
+        "python",
+        "task",
+        "task_steps",
+    ),
 )
 # fn(mfc: MFCDef, data: SequenceSample, model: Model) -> dict[str, float], run on the worker
 # after every generate/inference call (see realflow/interfaces/metrics.py).
@@ -193,6 +200,17 @@ TUNERS: Registry[Any] = Registry(
     "tuner",
     ("realflow.engines.tuners",),
     builtin_names=("boft", "dora", "hra", "ia3", "loha", "lokr", "lora", "oft"),
+)
+# Losses, by the interface that calls them; each interface documents the signature (see
+# realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
+_LOSS_MODULES = ("realflow.interfaces.losses",)
+SFT_LOSSES: Registry[Any] = Registry("sft loss", _LOSS_MODULES, builtin_names=("nll",))
+DPO_LOSSES: Registry[Any] = Registry("dpo loss", _LOSS_MODULES, builtin_names=("ipo", "sigmoid"))
+RW_LOSSES: Registry[Any] = Registry("rw loss", _LOSS_MODULES, builtin_names=("bradley_terry",))
+LOSS_SCALES: Registry[Any] = Registry(
+    "loss scale",
+    ("realflow.data.loss_scale",),
+    builtin_names=("all", "answer", "field", "last_turn", "role_weights"),
 )
 
 ENTRY_POINT_GROUP = "realflow.plugins"

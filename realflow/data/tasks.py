@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable
 
 Items = list[str]
@@ -151,6 +152,17 @@ TASKS: dict[str, Task] = {
         Task("add", "add two numbers 0-99", _draw_add, _number_items, lambda d: " " + "".join(d)),
     )
 }
+
+
+def item_ends(task: Task, text: str) -> list[int]:
+    """The character offset in `text` where each of `task.items(text)` ends (a process reward
+    credits each item at the token that completes it)."""
+    spans = [m.end() for m in re.finditer(r"\S+", text)]
+    if task.items is not _number_items or not spans:
+        return spans
+    first = re.search(r"\S+", text)
+    assert first is not None
+    return [first.start() + k + 1 for k in range(len(first.group()))] + spans[1:]
 
 
 def get_task(name: str) -> Task:

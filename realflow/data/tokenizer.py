@@ -17,9 +17,15 @@ token per item, and `decode(encode(text)) == text` for every ASCII text. Ids:
 | `" "`..`"~"`, `"\\n"` | 4..99 | single characters |
 | `" !"`..`" ~"`, `" \\n"` | 100..194 | a space and the character after it |
 
-Sequences are built with `prompt_token_ids` (BOS, when the tokenizer has one, then the prompt) and
-`text_token_ids` (no special tokens): use them everywhere so that datasets, generation and rewards
-agree on where BOS goes. Encoding never adds special tokens by itself (no post-processor).
+Sequences are built with `prompt_token_ids` (what the tokenizer itself puts before a text, then
+the prompt) and `text_token_ids` (no special tokens): use them everywhere so that datasets,
+generation and rewards agree on where BOS goes. "What the tokenizer puts before a text" is what
+`tokenizer(text)` adds in transformers (`bos_ids`): BOS for llama-style tokenizers and the built-in
+one, nothing for gpt2 and qwen2. So a model trained by realflow sees the ids that plain
+`transformers` gives it for the same prompt, and an exported checkpoint behaves the same there.
+
+Its chat template is `realflow.data.chat.DEFAULT_CHAT_TEMPLATE` (`<role>\\n` + content, EOS after
+assistant messages, `\\n` after every message).
 
 The shipped files in `realflow/data/builtin/tokenizer/` are written by `write_builtin_tokenizer`
 (`python -m realflow.data.tokenizer` regenerates them); a test checks they match the code.
@@ -65,13 +71,22 @@ def is_builtin_name(path_or_name: str) -> bool:
 
 def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
     """Build the built-in tokenizer in memory, deterministically (no files, no training)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=builtin_vocab(), unk_token=UNK_TOKEN))
+    vocab = builtin_vocab()
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PRE_TOKEN_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    # Like llama's: `tokenizer(text)` puts BOS first, as realflow does before every prompt.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A $B:1",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
+    )
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -79,6 +94,7 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         model_max_length=_MODEL_MAX_LENGTH,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
 
 
@@ -96,7 +112,10 @@ def write_builtin_tokenizer(out_dir: str | Path) -> Path:
         "unk_token": UNK_TOKEN,
     }
     # "PreTrainedTokenizerFast" loads in transformers 4.x and 5.x alike.
+    from realflow.data.chat import DEFAULT_CHAT_TEMPLATE
+
     config = {
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": _MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,
@@ -127,9 +146,11 @@ def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerFast:
             "download the model or tokenizer first and give its directory"
         )
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())
+        listed = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
         raise TokenizerError(
             f"directory '{path}' has no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)} "
-            f"(found: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})"
+            f"(found: {listed or 'nothing'})"
         )
     tok = _load_dir(path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -159,13 +180,30 @@ def text_token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Token ids of a prompt: BOS (when the tokenizer has one) then `text`, shape (L,)."""
+    """Token ids of a prompt: `bos_ids(tokenizer)` then `text`, shape (L,)."""
     return bos_ids(tokenizer) + text_token_ids(tokenizer, text)
 
 
+_PROBE = "a"
+
+
 def bos_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """`[bos_token_id]`, or `[]` when the tokenizer has no BOS token."""
-    return [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+    """The ids the tokenizer itself puts before a text (`add_special_tokens=True`), which realflow
+    puts before every prompt: `[bos_token_id]` for llama-style tokenizers and the built-in one,
+    `[]` for tokenizers that add no BOS (gpt2, whose BOS token exists but is never added; qwen2).
+    Special tokens a tokenizer adds after the text (some add EOS) are not included."""
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    if not plain:  # the probe encodes to nothing: only a leading BOS can be told apart
+        bos = tokenizer.bos_token_id
+        return [int(bos)] if full[:1] == [bos] and bos is not None else []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return [int(i) for i in full[:start]]
+    raise TokenizerError(
+        f"cannot tell which special tokens {type(tokenizer).__name__} adds: {_PROBE!r} encodes "
+        f"to {plain} alone and to {full} with special tokens"
+    )
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:

@@ -7,6 +7,7 @@ iteration (`mfcs()`). Register it in `realflow.api.registry.EXPERIMENTS` to run 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar
 
@@ -38,9 +39,20 @@ class ModelConfig:
     path: str = field_(
         "builtin:tiny",
         "An HF model directory, or a built-in model: 'builtin:tiny' (random init) or "
-        "'builtin:<task>-sft' (realflow's own SFT checkpoint on a built-in task, made on first use).",
+        "'builtin:<task>-sft' (realflow's own SFT checkpoint on a built-in task, made on first "
+        "use). Empty: same as actor.path (and actor.tokenizer_path) for roles that read the actor's "
+        "tokens, such as ref and critic (a critic then starts from the actor with a fresh value "
+        "head); a reward model has no default.",
     )
-    tokenizer_path: str = field_("", "Tokenizer directory or 'builtin'; empty: the model's own.")
+    tokenizer_path: str = field_(
+        "",
+        "Tokenizer directory or 'builtin'; empty: the model's own (weightless roles: the actor's).",
+    )
+    check_tokenizer: bool = field_(
+        True,
+        "Refuse to start when this role's tokenizer differs from the actor's (vocabulary, BOS, "
+        "EOS). false: skip that check, for tokenizers whose ids you know mean the same tokens.",
+    )
     init_from_actor: bool = field_(
         False, "Critic/reward roles: start from a causal-LM checkpoint with a fresh value head."
     )
@@ -118,6 +130,10 @@ class ModelConfig:
         return problems
 
 
+# A role path that means "the actor's model" (see ModelConfig.path and with_role_defaults).
+SAME_AS_ACTOR = ""
+
+
 def model_field(path: str = "builtin:tiny", lr: float = 2e-5, **kwargs: Any) -> Any:
     """A ModelConfig field with its own defaults. The built-in experiments' learning rates are
     tuned for the built-in tiny default; set `<role>.optimizer.lr` for real models."""
@@ -137,6 +153,18 @@ class DatasetConfig:
     truncate: bool = field_(False, "Truncate rows over max_length instead of dropping them.")
     skip_bad_rows: bool = field_(False, "Skip (and count) malformed rows instead of failing.")
     shuffle: bool = field_(True, "Shuffle rows each epoch.")
+    args: dict[str, Any] = field_(
+        {},
+        "Keyword arguments of the dataset class: chat_template=<file.jinja or template text> "
+        "for conversations, n_rows / seed for 'builtin:' sources, or your own dataset's.",
+    )
+
+    def validate(self) -> list[str]:
+        owned = {"max_length", "truncate", "skip_bad_rows"} & set(self.args)
+        problems = [f"args.{k}: set dataset.{k} instead" for k in sorted(owned)]
+        for k in sorted({"loss_scale", "loss_scale_args"} & set(self.args)):
+            problems.append(f"args.{k}: set <experiment>.{k} (e.g. sft.{k}) instead")
+        return problems
 
 
 @dataclasses.dataclass
@@ -238,6 +266,20 @@ class ExperimentConfig:
 
     def roles(self) -> dict[str, ModelRole]:
         raise NotImplementedError
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the dataset class, after the path and the tokenizer."""
+        d = self.dataset
+        owned = {"max_length": d.max_length, "truncate": d.truncate}
+        return {**owned, "skip_bad_rows": d.skip_bad_rows, **d.args}
+
+    def build_dataset(self, tokenizer: Any, path: str | None = None) -> Any:
+        """The run's dataset (or, with `path`, another file read the same way, e.g. the eval
+        split): `DATASETS[dataset_type](path or dataset.path, tokenizer, **dataset_kwargs())`."""
+        from realflow.api.registry import DATASETS
+
+        cls = DATASETS.get(self.dataset_type)
+        return cls(path or self.dataset.path, tokenizer, **self.dataset_kwargs())
 
     def mfcs(self) -> list[MFCDef]:
         raise NotImplementedError
@@ -357,6 +399,12 @@ class ExperimentConfig:
         for name, cfg in sharing.items():
             owner = cfg.base_of
             where = f"{name}.base_of ({owner!r})"
+            if name not in roles:
+                problems.append(
+                    f"{where}: this run has no role {name} (roles: {', '.join(roles)}; e.g. "
+                    "kl_beta=0 drops ref); leave base_of empty"
+                )
+                continue
             if owner not in roles or owner == name:
                 problems.append(f"{where}: not another role; roles are {', '.join(roles)}")
                 continue
@@ -398,6 +446,36 @@ class ExperimentConfig:
             n_mbs=1, max_tokens_per_mb=self.roles()[role].config.max_tokens_per_mb
         )
 
+    def with_role_defaults(self) -> ExperimentConfig:
+        """A copy whose roles that follow the actor say so explicitly. The one place role
+        defaults are resolved (the runner resolves them before any worker starts):
+
+        - a role with weights and an empty path (SAME_AS_ACTOR) takes actor.path and
+          actor.tokenizer_path; a critic or reward head built that way starts from the actor's
+          body with a fresh head (init_from_actor). A reward model is trained separately, so an
+          empty rew.path stays empty, for the preflight check to refuse;
+        - a weightless role (head 'none') without a tokenizer_path decodes with the actor's
+          tokenizer ('builtin' for built-in models; 'builtin' when there is no actor).
+        """
+        cfg = copy.deepcopy(self)
+        roles = cfg.roles()
+        actor = roles.get("actor")
+        for name, role in roles.items():
+            c = role.config
+            if role.head == "none":
+                if not c.tokenizer_path:
+                    c.tokenizer_path = tokenizer_source(actor.config) if actor else "builtin"
+                continue
+            if c.path != SAME_AS_ACTOR or actor is None or name == "actor":
+                continue
+            if role.head == "reward" or actor.config.path == SAME_AS_ACTOR:
+                continue
+            c.path = actor.config.path
+            c.tokenizer_path = c.tokenizer_path or actor.config.tokenizer_path
+            if role.head != "lm":
+                c.init_from_actor = True
+        return cfg
+
     def validate(self) -> list[str]:
         from realflow.api.callbacks import callback_problems
         from realflow.api.registry import METRICS
@@ -431,6 +509,13 @@ class ExperimentConfig:
                 "worker per role"
             )
         return problems
+
+
+def tokenizer_source(model: ModelConfig) -> str:
+    """Where a role's tokenizer comes from: tokenizer_path, 'builtin' (built-in models) or the
+    model directory."""
+    source = model.tokenizer_path or model.path
+    return "builtin" if source.startswith("builtin:") else source
 
 
 def interface_args(cfg: Any) -> dict[str, Any]:

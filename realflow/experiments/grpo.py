@@ -1,13 +1,21 @@
-"""GRPO: a group of answers per prompt, group-normalised advantages, no critic."""
+"""GRPO: a group of answers per prompt, group-normalised advantages, no critic.
+
+    actor_gen -> rew_inf / ref_inf -> actor_train     (ref_inf only when grpo.kl_beta > 0)
+
+Also what the other critic-free experiments (rloo, reinforce_pp, dapo) share: the policy
+hyperparameters and the nodes of their graphs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 from realflow.api.config import field_
 from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -23,60 +31,142 @@ from realflow.experiments.ppo import (
     policy_eval_mfcs,
     policy_roles,
     ref_node,
+    reward_keys,
     reward_node,
+)
+
+LOSS_TYPE_HELP = (
+    "How the per-token loss is averaged, named as TRL's GRPOConfig.loss_type: 'dapo' (every "
+    "answer token of the minibatch weighs the same), 'grpo' (each answer weighs the same: the "
+    "mean over answers of their token means; biased toward short right and long wrong "
+    "answers), 'dr_grpo' (sum over answer tokens / (answers x gen.max_new_tokens): a constant "
+    "normaliser, Dr. GRPO). TRL's 'bnpo' (a token mean per device micro-batch) is 'dapo' here: "
+    "micro-batches never change the loss."
 )
 
 
 @dataclasses.dataclass
-class GRPOHyperparameters:
+class PolicyHyperparameters:
+    """What every critic-free experiment (grpo, rloo, reinforce_pp, dapo) sets for its actor."""
+
     gen: GenerationHyperparameters = dataclasses.field(default_factory=GenerationHyperparameters)
     group_size: int = field_(4, "Answers generated per prompt (one sample holds the group).", gt=1)
     n_minibatches: int = field_(2, "Minibatches (optimizer steps) per train step.", gt=0)
-    kl_beta: float = field_(0.04, "Weight of the KL-to-ref loss term (k3 estimator).", ge=0.0)
-    eps_clip: float = field_(0.2, "Policy ratio clip.", gt=0.0)
-    scale_by_std: bool = field_(True, "Divide group-centred scores by the group std.")
-    loss_agg: str = field_("token_mean", "Loss aggregation.", choices=("token_mean", "seq_mean"))
+    kl_beta: float = field_(
+        0.04, "Weight of the KL-to-ref loss term (k3 estimator); 0 drops ref_inf and ref.", ge=0.0
+    )
+    eps_clip: float = field_(
+        0.2, "Policy ratio clip: the ratio is clipped to [1 - eps_clip, 1 + eps_clip_high].", gt=0.0
+    )
+    eps_clip_high: float = field_(
+        0.0, "Upper ratio clip (DAPO's clip-higher, e.g. 0.28); 0: eps_clip.", ge=0.0
+    )
+    loss_type: str = field_("dapo", LOSS_TYPE_HELP, choices=("dapo", "grpo", "dr_grpo"))
     reward_output_scaling: float = field_(1.0, "Scale of the task score.")
     mask_no_eos_with_zero: bool = field_(False, "Score 0 for answers that did not end with EOS.")
+    overlong_buffer_len: int = field_(
+        0,
+        "DAPO's overlong shaping: an answer longer than gen.max_new_tokens - overlong_buffer_len "
+        "tokens loses score linearly, up to overlong_penalty_factor at gen.max_new_tokens; 0: off.",
+        ge=0,
+    )
+    overlong_penalty_factor: float = field_(1.0, "Score lost by an answer of max length.", ge=0.0)
     early_stop_imp_ratio: float = field_(
         0.0, "Skip a minibatch when the mean ratio exceeds this (0: off).", ge=0.0
     )
 
+    def validate(self) -> list[str]:
+        if self.overlong_buffer_len > self.gen.max_new_tokens:
+            return [
+                f"overlong_buffer_len ({self.overlong_buffer_len}) must be <= "
+                f"gen.max_new_tokens ({self.gen.max_new_tokens})"
+            ]
+        return []
+
+
+@dataclasses.dataclass
+class GRPOHyperparameters(PolicyHyperparameters):
+    scale_rewards: str = field_(
+        "group",
+        "How group-centred scores are scaled, named as TRL's GRPOConfig.scale_rewards: 'group' "
+        "(divided by the group's std: GRPO), 'batch' (by the batch's std), 'none' (not scaled: "
+        "Dr. GRPO).",
+        choices=("group", "batch", "none"),
+    )
+
+
+@dataclasses.dataclass
+class CriticFreeConfig(ExperimentConfig):
+    """The roles of a critic-free experiment: actor, ref (only when a KL term reads it), rew."""
+
+    actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
+    total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+
+    # Class attributes, not keys: the subclass's PolicyHyperparameters field and the actor's
+    # interface.
+    hyperparameters_field: ClassVar[str] = ""
+    actor_interface: ClassVar[str] = ""
+
+    def hyperparameters(self) -> PolicyHyperparameters:
+        return getattr(self, self.hyperparameters_field)
+
+    def actor_args(self) -> dict[str, Any]:
+        """The actor interface's keyword arguments: the hyperparameters."""
+        return interface_args(self.hyperparameters())
+
+    def uses_ref(self) -> bool:
+        """Whether a KL term reads the reference model (else ref_inf and ref are left out)."""
+        return self.hyperparameters().kl_beta > 0
+
+    def validate(self) -> list[str]:
+        key = f"{self.hyperparameters_field}.n_minibatches"
+        return super().validate() + self.divides_n_seqs(key, self.hyperparameters().n_minibatches)
+
+    def optimizer_steps_per_train_call(self) -> int:
+        return self.hyperparameters().n_minibatches
+
+    def roles(self) -> dict[str, ModelRole]:
+        roles = policy_roles(self)
+        if not self.uses_ref():
+            del roles["ref"]
+        return roles
+
+    def eval_mfcs(self) -> list[MFCDef]:
+        return policy_eval_mfcs(self, self.actor_interface, self.actor_args())
+
+
+def actor_gen_node(cfg: ExperimentConfig, impl: str, args: dict[str, Any]) -> MFCDef:
+    """actor_gen: the rollout, `group_size` answers per prompt."""
+    return cfg.node("actor_gen", "actor", GEN, impl, args, ("packed_prompts",), ROLLOUT_KEYS)
+
+
+def actor_train_node(
+    cfg: ExperimentConfig, impl: str, args: dict[str, Any], with_ref: bool
+) -> MFCDef:
+    """actor_train: the policy step on the rollout, its rewards (and dense_rewards with a
+    process-reward scorer) and (with_ref) ref log-probs."""
+    inputs = (*ROLLOUT_KEYS, *reward_keys(cfg), *(("ref_logprobs",) if with_ref else ()))
+    return cfg.node("actor_train", "actor", TRAIN, impl, args, inputs)
+
 
 @EXPERIMENTS.register("grpo")
 @dataclasses.dataclass
-class GRPOConfig(ExperimentConfig):
-    """GRPO on prompt-only data, built-in task by default."""
+class GRPOConfig(CriticFreeConfig):
+    """GRPO on prompt-only data, built-in task by default. Dr. GRPO: grpo.scale_rewards=none
+    grpo.loss_type=dr_grpo."""
 
-    actor: ModelConfig = model_field("builtin:reverse-sft", lr=1e-3)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
-    total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
-
-    def validate(self) -> list[str]:
-        return super().validate() + self.divides_n_seqs(
-            "grpo.n_minibatches", self.grpo.n_minibatches
-        )
-
-    def optimizer_steps_per_train_call(self) -> int:
-        return self.grpo.n_minibatches
-
-    def roles(self) -> dict[str, ModelRole]:
-        return policy_roles(self)
-
-    def eval_mfcs(self) -> list[MFCDef]:
-        return policy_eval_mfcs(self, "grpo_actor", interface_args(self.grpo))
+    hyperparameters_field = "grpo"
+    actor_interface = "grpo_actor"
 
     def mfcs(self) -> list[MFCDef]:
-        args = interface_args(self.grpo)
-        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards")
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
         return [
-            self.node(
-                "actor_gen", "actor", GEN, "grpo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
-            ),
+            actor_gen_node(self, impl, args),
             reward_node(self),
-            ref_node(self, "grpo_actor", args),
-            self.node("actor_train", "actor", TRAIN, "grpo_actor", args, train_in),
+            *([ref_node(self, impl, args)] if kl else []),
+            actor_train_node(self, impl, args, kl),
         ]

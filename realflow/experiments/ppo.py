@@ -8,6 +8,7 @@ from realflow.api.config import field_
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.common import (
+    SAME_AS_ACTOR,
     ExperimentConfig,
     ModelConfig,
     ModelRole,
@@ -65,6 +66,17 @@ class RewardConfig:
         )
         return problems
 
+    def dense(self) -> bool:
+        """Whether any scorer gives per-step (process) rewards: the reward MFC then also writes
+        `dense_rewards`, which the policy's train step reads."""
+        from realflow.api.registry import REWARD_SCORERS
+
+        return any(
+            getattr(REWARD_SCORERS.get(s), "dense", False)
+            for s in self.scorers
+            if s in REWARD_SCORERS
+        )
+
     def needs_model(self) -> bool:
         """Whether any scorer reads the reward role's weights."""
         from realflow.api.registry import REWARD_SCORERS
@@ -115,9 +127,9 @@ class PPOConfig(ExperimentConfig):
     """PPO on prompt-only data (JSONL rows {"prompt", ...}), built-in task by default."""
 
     actor: ModelConfig = model_field("builtin:reverse-sft", lr=5e-4)
-    critic: ModelConfig = model_field("builtin:reverse-sft", lr=3e-3, init_from_actor=True)
-    ref: ModelConfig = model_field("builtin:reverse-sft")
-    rew: ModelConfig = model_field("builtin:tiny")
+    critic: ModelConfig = model_field(SAME_AS_ACTOR, lr=3e-3, init_from_actor=True)
+    ref: ModelConfig = model_field(SAME_AS_ACTOR)
+    rew: ModelConfig = model_field(SAME_AS_ACTOR)  # weights only for scorers that need them
     total_steps: int = field_(600, "Iterations (steps) to run.", gt=0)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     ppo: PPOHyperparameters = dataclasses.field(default_factory=PPOHyperparameters)
@@ -142,7 +154,7 @@ class PPOConfig(ExperimentConfig):
 
     def mfcs(self) -> list[MFCDef]:
         args = interface_args(self.ppo)
-        train_in = (*ROLLOUT_KEYS, "ref_logprobs", "rewards", "values")
+        train_in = (*ROLLOUT_KEYS, "ref_logprobs", *reward_keys(self), "values")
         return [
             self.node(
                 "actor_gen", "actor", GEN, "ppo_actor", args, ("packed_prompts",), ROLLOUT_KEYS
@@ -172,12 +184,19 @@ def policy_roles(cfg: ExperimentConfig) -> dict[str, ModelRole]:
     }
 
 
+def reward_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """What rew_inf writes: `rewards`, and `dense_rewards` with a process-reward scorer."""
+    reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
+    return ("rewards", "dense_rewards") if reward.dense() else ("rewards",)
+
+
 def reward_node(cfg: ExperimentConfig) -> MFCDef:
     """rew_inf: the `reward` interface scores each answer with the configured scorers."""
     reward: RewardConfig = cfg.reward  # type: ignore[attr-defined]
     return cfg.node(
-        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"), ("rewards",)
-    )
+        "rew_inf", "rew", INF, "reward", interface_args(reward), (IDS, "prompt_mask"),
+        reward_keys(cfg),
+    )  # fmt: skip
 
 
 def policy_eval_mfcs(cfg: ExperimentConfig, impl: str, args: dict) -> list[MFCDef]:

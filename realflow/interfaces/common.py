@@ -131,6 +131,19 @@ def answer_mask_T1(prompt_mask_T: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> 
     return ~prompt_mask_T.bool()[keep]
 
 
+def loss_scale_T1(mb: SequenceSample, device: torch.device) -> torch.Tensor:
+    """Float32 weight of every predicted token (T1): the sample's `loss_scale` (L per sequence,
+    the weight of predicting that token) when it has one, else 1 on answer tokens
+    (`prompt_mask` False) and 0 on the prompt."""
+    cu_B1 = mb.cu_seqlens(IDS, device=device)
+    if "loss_scale" not in mb.data:
+        return answer_mask_T1(mb.data["prompt_mask"].to(device), cu_B1).float()
+    scale_T = mb.data["loss_scale"].to(device).float()
+    keep = torch.ones(scale_T.shape[0], dtype=torch.bool, device=device)
+    keep[cu_B1[:-1].long()] = False
+    return scale_T[keep]
+
+
 def shifted_seqlens(data: SequenceSample, key: str = IDS) -> list[list[int]]:
     """Per sample, L-1 for each sequence of `key` (the layout of logprobs)."""
     return [[n - 1 for n in lens] for lens in data.seqlens[key]]

@@ -144,6 +144,11 @@ class PPOReturns:
             reward_clip=a.max_reward_clip, mask_no_eos_with_zero=a.mask_no_eos_with_zero,
             no_eos_penalty=-a.no_eos_penalty if a.no_eos_penalty else None,
         )  # fmt: skip
+        total_B = score_B  # the task reward: sequence score plus process-reward steps
+        if "dense_rewards" in d:  # process rewards: each step's score on its own token
+            dense_T1 = d["dense_rewards"].float() * mask_T1
+            rewards_T1 = rewards_T1 + a.reward_output_scaling * dense_T1
+            total_B = score_B + segment_sum(dense_T1, shifted_cu_seqlens(cu_B1))
         values_T = d["values"].float()
         if self.value_rms is not None:
             values_T = self.value_rms.denormalize(values_T)
@@ -162,7 +167,7 @@ class PPOReturns:
             a.mask_no_eos_with_zero, -a.no_eos_penalty if a.no_eos_penalty else None,
         )  # fmt: skip
         stats = {
-            "reward/mean": float(score_B.mean()),
+            "reward/mean": float(total_B.mean()),
             "reward/processed_mean": float(processed_B.mean()),
             "kl": float(kl_B.mean()),
             "kl_coef": kl_coef,

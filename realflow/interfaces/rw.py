@@ -6,13 +6,16 @@ packed_input_ids (see realflow.data.datasets.PairedDataset).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
-from realflow.algorithms import pairwise_rw_loss, split_interleaved_pairs
+from realflow.algorithms import cu_seqlens_from_lens, segment_sum, split_interleaved_pairs
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import MicroBatchSpec
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import INTERFACES
+from realflow.api.registry import INTERFACES, RW_LOSSES
 from realflow.interfaces.common import (
     evaluate_loss,
     map_micro_batches,
@@ -23,6 +26,7 @@ from realflow.interfaces.common import (
     split_micro_batches,
     train_engine_of,
 )
+from realflow.interfaces.losses import RWLossInput, call_loss
 
 
 def sequence_scores(
@@ -45,30 +49,44 @@ def pairs_per_sample(mb: SequenceSample) -> list[int]:
     return out
 
 
-def rw_loss(module: torch.nn.Module, mb: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bradley-Terry loss of a micro-batch; each sample weighs the same."""
-    device = next(module.parameters()).device
-    chosen, rejected = split_interleaved_pairs(sequence_scores(module, mb, device))
-    loss, stats = pairwise_rw_loss(chosen, rejected, pairs_per_sample(mb))
-    return loss, {
-        "acc": float(stats.accuracy),
-        "pos_score": float(stats.chosen_score),
-        "neg_score": float(stats.rejected_score),
-        "margin": float(stats.margin),
-    }
-
-
 @INTERFACES.register("paired_rw")
+@dataclasses.dataclass
 class PairedRewardInterface(ModelInterface):
-    """train_step: one optimizer step of the pairwise loss; stats loss, acc (chosen > rejected),
-    pos_score, neg_score, margin. inference: `rewards`, one score per sequence."""
+    """train_step: one optimizer step of the pairwise loss `loss` (realflow.interfaces.losses;
+    Bradley-Terry by default), averaged over each sample's pairs, then over samples; stats loss,
+    acc (chosen > rejected), pos_score, neg_score, margin. inference: `rewards`, one score per
+    sequence."""
+
+    loss: str = "bradley_terry"
+
+    def __post_init__(self) -> None:
+        self.loss_fn: Any = RW_LOSSES.get(self.loss)
+
+    def loss_of(self, module: torch.nn.Module, mb: SequenceSample) -> tuple[torch.Tensor, dict]:
+        """The pairwise loss of a micro-batch; each sample weighs the same."""
+        device = next(module.parameters()).device
+        chosen, rejected = split_interleaved_pairs(sequence_scores(module, mb, device))
+        inp = RWLossInput(chosen, rejected)
+        per_pair, stats = call_loss(self.loss_fn, inp, chosen.shape[0], f"rw {self.loss}")
+        sizes = pairs_per_sample(mb)
+        cu = cu_seqlens_from_lens(sizes, device=device)
+        per_sample = segment_sum(per_pair, cu) / torch.tensor(sizes, device=device)
+        diff = (chosen - rejected).detach()
+        return per_sample.mean(), {
+            **stats,
+            "acc": float((diff > 0).float().mean()),
+            "pos_score": float(chosen.detach().mean()),
+            "neg_score": float(rejected.detach().mean()),
+            "margin": float(diff.mean()),
+        }
 
     def train_step(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         engine = train_engine_of(model, "paired_rw")
         pairs_per_sample(data)  # fail early on a malformed batch
-        return engine.train_batch(split_micro_batches(data, mb_spec), rw_loss, lambda mb: mb.bs)
+        mbs = split_micro_batches(data, mb_spec)
+        return engine.train_batch(mbs, self.loss_of, lambda mb: mb.bs)
 
     def inference(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
@@ -81,7 +99,7 @@ class PairedRewardInterface(ModelInterface):
     ) -> dict[str, float]:
         """The pairwise loss, accuracy (chosen scored above rejected) and margins."""
         pairs_per_sample(data)
-        return evaluate_loss(model, data, mb_spec, rw_loss, lambda mb: mb.bs, "paired_rw")
+        return evaluate_loss(model, data, mb_spec, self.loss_of, lambda mb: mb.bs, "paired_rw")
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

@@ -13,13 +13,18 @@ A scorer is a class registered in `realflow.api.registry.REWARD_SCORERS`:
         def score(self, batch: ScoringBatch, model: Model) -> list[float]:
             return [-abs(len(a) - self.target) for a in batch.answers]
 
-`score` returns one float per sequence of the batch. `ScoringBatch` holds the decoded prompts and
+`score` returns one float per sequence of the batch. A scorer with `dense = True` (a process
+reward) returns per sequence either step scores `[(end, score), ...]` (each step ends at
+character `end` of the answer; its score goes to the token that completes it) or one float per
+answer token; PPO adds them to the rewards of those tokens (`dense_rewards`), GRPO to the
+sequence's score. `ScoringBatch` holds the decoded prompts and
 answers (special tokens skipped, trailing EOS removed), one metadata dict per sequence (the
 dataset row's extra fields: `task`, `answer`, `prompt`, ...), and the packed tokens for scorers
 that run a model. The reward interface passes every scorer only the arguments it declares; an
 argument no chosen scorer declares is an error.
 
-Built-in scorers: `task`, `model`, `hf_classifier`, `embedding_similarity`, `python`.
+Built-in scorers: `task`, `task_steps` (dense), `model`, `hf_classifier`,
+`embedding_similarity`, `python`.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class ScoringBatch:
     metadata: list[dict[str, Any]]
     sample: SequenceSample
     mb_spec: MicroBatchSpec
+    answer_ids: list[list[int]] = dataclasses.field(default_factory=list)  # EOS stripped
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -101,6 +107,34 @@ class TaskScorer:
                 )
             example = {"task": task, "answer": meta["answer"], "prompt": meta.get("prompt", "")}
             out.append(get_task(task).score(example, answer))
+        return out
+
+
+@REWARD_SCORERS.register("task_steps")
+class TaskStepScorer:
+    """A process reward for the built-in tasks: each answer item (a digit or number) is a
+    step, scored 1/max(len(answer), len(target)) when it is right at its position. The steps of
+    an answer sum to the `task` score; each is paid at the token that completes the item."""
+
+    needs_model: ClassVar[bool] = False
+    dense: ClassVar[bool] = True
+    args: ClassVar[dict[str, str]] = {}
+
+    def score(self, batch: ScoringBatch, model: Model) -> list[list[tuple[int, float]]]:
+        from realflow.data.tasks import get_task, item_ends
+
+        out = []
+        for meta, answer in zip(batch.metadata, batch.answers):
+            if "task" not in meta or "answer" not in meta:
+                raise ValueError(
+                    "reward scorer 'task_steps' needs metadata 'task' and 'answer' per row "
+                    f"(built-in datasets carry both); got keys {sorted(meta)}"
+                )
+            task = get_task(meta["task"])
+            pred, target = task.items(answer), task.items(meta["answer"])
+            longest = max(len(pred), len(target)) or 1
+            ends = item_ends(task, answer)
+            out.append([(e, 1.0 / longest) for e, p, t in zip(ends, pred, target) if p == t])
         return out
 
 

@@ -1,59 +1,76 @@
-"""`sft`: supervised fine-tuning with a token-mean NLL over answer tokens (prompt masked)."""
+"""`sft`: supervised fine-tuning: a registered per-token loss (`nll` by default) weighted by the
+tokens' loss scale (1 on answer tokens and 0 on the prompt unless the data carry `loss_scale`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 
-from realflow.algorithms import masked_mean
+from realflow.algorithms import gather_packed_logprobs
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import MicroBatchSpec
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import INTERFACES
+from realflow.api.registry import INTERFACES, SFT_LOSSES
 from realflow.interfaces.common import (
-    answer_mask_T1,
     evaluate_loss,
+    loss_scale_T1,
     map_micro_batches,
     output_sample,
+    packed,
     save_hf_dir,
     shifted_seqlens,
     split_micro_batches,
     token_logprobs,
     train_engine_of,
 )
+from realflow.interfaces.losses import TokenLossInput, call_loss
 
 
-def sft_loss(module: torch.nn.Module, mb: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean NLL of the answer tokens of a micro-batch (keys packed_input_ids, prompt_mask)."""
-    device = next(module.parameters()).device
-    logp_T1 = token_logprobs(module, mb, device)
-    cu_B1 = mb.cu_seqlens("packed_input_ids", device=device)
-    mask_T1 = answer_mask_T1(mb.data["prompt_mask"].to(device), cu_B1)
-    return -masked_mean(logp_T1, mask_T1), {}
-
-
-def n_answer_tokens(mb: SequenceSample) -> float:
-    """Answer tokens predicted in `mb` (the loss weight of a micro-batch)."""
-    mask = answer_mask_T1(mb.data["prompt_mask"], mb.cu_seqlens("packed_input_ids"))
-    return float(mask.sum())
+def n_trained_tokens(mb: SequenceSample) -> float:
+    """Predicted tokens of `mb` with a loss scale > 0 (the loss weight of a micro-batch)."""
+    return float((loss_scale_T1(mb, torch.device("cpu")) > 0).sum())
 
 
 @INTERFACES.register("sft")
+@dataclasses.dataclass
 class SFTInterface(ModelInterface):
-    """train_step: one optimizer step of answer-token NLL; stats loss, n_tokens, ppl.
-    inference: per-token `logprobs` (L-1 per sequence) of packed_input_ids."""
+    """train_step: one optimizer step of `sum(loss_scale * loss) / n_trained_tokens` with the
+    SFT loss named `loss` (realflow.interfaces.losses); stats loss, nll, n_tokens, ppl (of the
+    NLL), and the loss's own. inference: per-token `logprobs` (L-1 per sequence)."""
+
+    loss: str = "nll"
+
+    def __post_init__(self) -> None:
+        self.loss_fn: Any = SFT_LOSSES.get(self.loss)
+
+    def loss_of(self, module: torch.nn.Module, mb: SequenceSample) -> tuple[torch.Tensor, dict]:
+        """The loss-scale-weighted token mean of the loss over one micro-batch."""
+        device = next(module.parameters()).device
+        ids_T, cu_B1 = packed(mb, device)
+        logits_TV = module(ids_T, cu_B1)
+        logp_T1 = gather_packed_logprobs(logits_TV, ids_T, cu_B1)
+        scale_T1 = loss_scale_T1(mb, device)
+        inp = TokenLossInput(logits_TV, logp_T1, scale_T1, ids_T, cu_B1)
+        values_T1, stats = call_loss(self.loss_fn, inp, logp_T1.shape[0], f"sft {self.loss}")
+        trained_T1 = scale_T1 > 0
+        n = trained_T1.sum().clamp(min=1)
+        loss = torch.where(trained_T1, values_T1 * scale_T1, 0.0).sum() / n
+        nll = -torch.where(trained_T1, logp_T1.detach(), 0.0).sum() / n
+        return loss, {**stats, "nll": float(nll)}
 
     def train_step(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         engine = train_engine_of(model, "sft")
         mbs = split_micro_batches(data, mb_spec)
-        n_tokens = sum(n_answer_tokens(mb) for mb in mbs)
+        n_tokens = sum(n_trained_tokens(mb) for mb in mbs)
         if n_tokens == 0:
             raise ValueError(f"sft batch (ids {data.ids}) has no answer tokens to train on")
-        stats = engine.train_batch(mbs, sft_loss, n_answer_tokens)
-        return {**stats, "n_tokens": n_tokens, "ppl": math.exp(min(stats["loss"], 50.0))}
+        stats = engine.train_batch(mbs, self.loss_of, n_trained_tokens)
+        return {**stats, "n_tokens": n_tokens, "ppl": math.exp(min(stats["nll"], 50.0))}
 
     def inference(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
@@ -64,9 +81,10 @@ class SFTInterface(ModelInterface):
     def evaluate(
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
-        """Answer-token NLL of the batch (`loss`) and its perplexity."""
-        stats = evaluate_loss(model, data, mb_spec, sft_loss, n_answer_tokens, "sft")
-        return {**stats, "ppl": math.exp(min(stats["loss"], 50.0))}
+        """The loss of the batch (`loss`; the answer-token NLL by default), `nll` and the
+        perplexity of the NLL."""
+        stats = evaluate_loss(model, data, mb_spec, self.loss_of, n_trained_tokens, "sft")
+        return {**stats, "ppl": math.exp(min(stats["nll"], 50.0))}
 
     def save(self, model: Model, save_dir: str) -> None:
         save_hf_dir(model, save_dir)

@@ -6,11 +6,13 @@
 
 A saved directory (config.json, safetensors, tokenizer) loads in transformers as
 `*ForCausalLM` (lm), `*ForTokenClassification` (critic) or `*ForSequenceClassification` (reward),
-each with num_labels=1, and gives the same logits / values / scores.
+each with num_labels=1, and gives the same logits / values / scores, also for batches the saved
+tokenizer pads: a reward model is saved with a pad token that is not EOS (`tokenizer_for_export`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -37,10 +39,17 @@ logger = logging.getLogger(__name__)
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+EMBED = "embed_tokens.weight"  # the token embedding in realflow's state dict
+# config.json key: how many embedding rows save_hf appended so that every id of the saved
+# tokenizer (a reward model's new pad token, see tokenizer_for_export) has one; load_hf drops
+# them again, so training resumes in the trained shape.
+ADDED_PAD_ROWS = "realflow_added_pad_rows"
+# Names tried, in order, for a pad token added on export.
+EXPORT_PAD_TOKENS = ("<|pad|>", "<|realflow_pad|>", "[PAD]")
 # Keys of an HF config.json that describe a head or a saved file, not the architecture.
 _HEAD_KEYS = (
     "architectures", "id2label", "label2id", "num_labels", "problem_type",
-    "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+    "transformers_version", "_name_or_path", "torch_dtype", "dtype", ADDED_PAD_ROWS,
 )  # fmt: skip
 
 
@@ -183,6 +192,7 @@ def load_hf(
     stored = read_hf_state_dict(path)
     dtype = stored_dtype(hf, stored) if dtype is None else _resolve_dtype(dtype, hf)
     sd = family.state_dict_from_hf(stored, config, head)
+    sd, config = _drop_added_pad_rows(sd, config, int(hf.get(ADDED_PAD_ROWS, 0)))
     model = _build_with_state(config, head, sd, dtype, torch.device(device), head_init_seed, path)
     tokenizer = load_tokenizer_if_present(path) if load_tokenizer else None
     logger.info(
@@ -240,10 +250,23 @@ def _build_with_state(
         else:
             sd[name] = torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen)
         logger.info("initialised %s %s from seed %d", name, tuple(shape), head_init_seed)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # copy=True: parameters in memory of their own, never views into the checkpoint's buffer.
+    # Views start at unaligned addresses, and CPU kernels then sum in another order: a run resumed
+    # from a checkpoint drifted (1e-8) from the uninterrupted one.
+    sd = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def _drop_added_pad_rows(
+    sd: StateDict, config: TransformerConfig, rows: int
+) -> tuple[StateDict, TransformerConfig]:
+    """The state dict and config without the `rows` embedding rows save_hf appended."""
+    if rows <= 0:
+        return sd, config
+    vocab = config.vocab_size - rows
+    return {**sd, EMBED: sd[EMBED][:vocab]}, config.replace(vocab_size=vocab)
 
 
 def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
@@ -258,21 +281,66 @@ def load_tokenizer_if_present(path: str | os.PathLike) -> Any | None:
 # --------------------------------------------------------------------------------- writing
 
 
+def tokenizer_for_export(model: PackedTransformer, tokenizer: Any | None) -> Any | None:
+    """The tokenizer to save with `model`: `tokenizer` itself, or for a reward model whose pad
+    token is missing or an EOS id, a copy with a new pad token ('<|pad|>').
+
+    HF `*ForSequenceClassification` reads the score at the last token that is not
+    `pad_token_id`; realflow reads it at the last token, usually EOS. With pad == EOS (what
+    `load_tokenizer` gives a tokenizer without a pad token, and qwen2's own choice) HF would read
+    the token before EOS. The new token takes the first id past the tokenizer; when the model has
+    no row for it, save_hf appends one (zeros: pad positions come after the real tokens and are
+    masked out, so the row is never read).
+    """
+    if tokenizer is None or model.head != "reward" or not hasattr(tokenizer, "get_vocab"):
+        return tokenizer
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = {*model.config.eos_token_ids, getattr(tokenizer, "eos_token_id", None)}
+    if pad is not None and pad not in eos:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    name = next((t for t in EXPORT_PAD_TOKENS if t not in vocab), None)
+    if name is None:
+        raise ValueError(f"cannot add a pad token: {EXPORT_PAD_TOKENS} are all in the vocabulary")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": name})
+    logger.info(
+        "saving the reward model with a new pad token %r (id %d): its pad (%s) is missing or "
+        "an EOS id, and HF sequence classification would read the score before EOS",
+        name, tokenizer.pad_token_id, pad,
+    )  # fmt: skip
+    return tokenizer
+
+
+def export_vocab_size(model: PackedTransformer, tokenizer: Any | None) -> int:
+    """vocab_size of the saved model: the model's, or for critic and reward heads enough rows
+    for every id of the saved tokenizer (its pad token may be new)."""
+    n = model.config.vocab_size
+    if tokenizer is None or model.head == "lm" or not hasattr(tokenizer, "get_vocab"):
+        return n
+    return max(n, max(tokenizer.get_vocab().values()) + 1)
+
+
 def hf_config_for(
     model: PackedTransformer, dtype: torch.dtype, tokenizer: Any | None = None
 ) -> dict:
-    """The config.json dict that makes transformers build the same model with the same head."""
+    """The config.json dict that makes transformers build the same model with the same head
+    (`tokenizer`: the one saved with it, see tokenizer_for_export)."""
     config, head = model.config, model.head
     family = family_for_config(config)
+    vocab = export_vocab_size(model, tokenizer)
     hf = {k: v for k, v in config.extra_hf.items() if k not in _HEAD_KEYS}
-    hf.update(family.config_to_hf(config))
+    hf.update(family.config_to_hf(config.replace(vocab_size=vocab)))
+    if vocab > config.vocab_size:
+        hf[ADDED_PAD_ROWS] = vocab - config.vocab_size
     hf["architectures"] = [family.architectures[head]]
     hf["dtype"] = str(dtype).removeprefix("torch.")
     if head != "lm":
         hf["id2label"] = {"0": "LABEL_0"}
         hf["label2id"] = {"LABEL_0": 0}
     if head == "reward":
-        if hf.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
+        # HF scores the last token that is not pad: the id the saved tokenizer pads with.
+        if getattr(tokenizer, "pad_token_id", None) is not None:
             hf["pad_token_id"] = tokenizer.pad_token_id
         pad = hf.get("pad_token_id")
         if pad is None:
@@ -327,8 +395,10 @@ def save_hf(
     first_param = next(name for name, _ in model.named_parameters())
     dtype = _resolve_dtype(dtype, {"dtype": str(sd[first_param].dtype).removeprefix("torch.")})
     family = family_for_config(model.config)
+    tokenizer = tokenizer_for_export(model, tokenizer)
     hf_config = hf_config_for(model, dtype, tokenizer)
-    hf_sd = family.state_dict_to_hf(sd, model.config, model.head)
+    sd, config = _with_vocab_rows(sd, model.config, hf_config["vocab_size"])
+    hf_sd = family.state_dict_to_hf(sd, config, model.head)
     bad = [k for k, v in hf_sd.items() if not v.is_floating_point()]
     if bad:
         raise ValueError(f"non-floating parameters cannot be saved: {bad[:5]}")
@@ -381,6 +451,18 @@ def _check_shapes(model: PackedTransformer, sd: StateDict) -> None:
                 else ""
             )
         )
+
+
+def _with_vocab_rows(
+    sd: StateDict, config: TransformerConfig, vocab: int
+) -> tuple[StateDict, TransformerConfig]:
+    """The state dict and config with zero embedding rows appended up to `vocab`."""
+    extra = vocab - config.vocab_size
+    if extra <= 0:
+        return sd, config
+    embed = sd[EMBED]
+    rows = embed.new_zeros((extra, embed.shape[1]))
+    return {**sd, EMBED: torch.cat([embed, rows])}, config.replace(vocab_size=vocab)
 
 
 def _check_target(path: Path) -> None:

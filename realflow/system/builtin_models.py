@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import shutil
@@ -18,7 +16,7 @@ from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-SFT_RECIPE_VERSION = 1
+SFT_RECIPE_VERSION = 3  # 2: the built-in tokenizer adds <s> itself; 3: it has a chat template
 # Short on purpose: the default RL runs need a policy that is right only part of the time.
 SFT_STEPS = 100
 
@@ -69,20 +67,12 @@ def builtin_sft_path(task: str) -> str:
 
 
 def resolve_builtin_models(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A copy of `cfg` whose roles name directories for every `builtin:<task>-sft`, and whose
-    weightless roles use the actor's tokenizer."""
-    cfg = copy.deepcopy(cfg)
-    roles = cfg.roles()
-    for role in roles.values():
+    """A copy of `cfg` with its role defaults resolved (`ExperimentConfig.with_role_defaults`:
+    ref and critic follow the actor, weightless roles use the actor's tokenizer) and a directory
+    for every `builtin:<task>-sft`."""
+    cfg = cfg.with_role_defaults()
+    for role in cfg.roles().values():
         path = role.config.path
         if path.startswith("builtin:") and path.endswith("-sft"):
             role.config.path = builtin_sft_path(path[len("builtin:") : -len("-sft")])
-    actor = roles.get("actor")
-    for role in roles.values():
-        if role.head == "none" and not role.config.tokenizer_path:
-            role.config.tokenizer_path = (
-                (actor.config.tokenizer_path or actor.config.path) if actor else "builtin"
-            )
-            if role.config.tokenizer_path.startswith("builtin:"):
-                role.config.tokenizer_path = "builtin"
-    return dataclasses.replace(cfg)
+    return cfg

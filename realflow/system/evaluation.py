@@ -6,7 +6,7 @@ same workers: one pass over the eval dataset (`eval_dataset.*`), batch by batch,
 reading the weights of the step just finished. The stats of its calls are averaged over the
 batches (weighted by batch size) and become part of that step's metrics row:
 `eval/<mfc>/<stat>` for every call, and `eval/<stat>` for the evaluate calls (e.g.
-`eval/loss`, `eval/reward/mean`); a `ppl` next to a `loss` is exp of the averaged loss.
+`eval/loss`, `eval/reward/mean`); a `ppl` is exp of the averaged `nll` (or `loss`).
 Nothing of the training state changes: the training loader,
 the interfaces of the training graph and the weights are untouched, so a run with evaluation
 trains exactly like one without.
@@ -106,9 +106,12 @@ class Evaluation:
                         sums[key] = sums.get(key, 0.0) + w * float(v)
                         norms[key] = norms.get(key, 0.0) + w
         row = {k: sums[k] / norms[k] for k in sums}
-        for key in [k for k in row if k.endswith("/ppl") and k[: -len("ppl")] + "loss" in row]:
-            # A perplexity is exp of the mean loss, not a mean of perplexities.
-            row[key] = math.exp(min(row[key[: -len("ppl")] + "loss"], 50.0))
+        for key in [k for k in row if k.endswith("/ppl")]:
+            # A perplexity is exp of the mean NLL (or loss), not a mean of perplexities.
+            base = key[: -len("ppl")]
+            nll = row.get(base + "nll", row.get(base + "loss"))
+            if nll is not None:
+                row[key] = math.exp(min(nll, 50.0))
         return row
 
 

@@ -7,8 +7,19 @@ MFCs still have to read it. An MFC of step t is dispatched when
     train_step of M at step t-1; a train_step of M waits for every other call on M at step t
     and for its own step t-1;
   - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
-  - no barrier (a checkpoint or an evaluation) is due before step t.
+  - no barrier (a checkpoint or an evaluation) is due before step t;
+  - with a sampling loop (a filter MFC, see `FilterLoop`), an MFC outside the loop waits until
+    the loop has found the step's `n_seqs` samples.
 Keys are freed on every worker that holds them once their last consumer has finished.
+
+Sampling loop: the loop's MFCs run on one dataset batch (a round); the filter's result names the
+samples that qualified. Until `n_seqs` have, and for at most `max_rounds` rounds, the master
+keeps those, frees the rest, loads another batch for the same step and runs the loop again
+(each round's calls are seeded apart). Then the step's ids become the `n_seqs` kept samples and
+the MFCs outside the loop run on them. No later step is loaded while a loop is open, so the
+loader's order, and with it a run, does not depend on timing. The loop's MFCs report the mean
+of their rounds' stats; the filter adds the loop's counts (rounds, generated, qualified, filled,
+cap_reached).
 """
 
 from __future__ import annotations
@@ -51,6 +62,16 @@ class StepState:
     running: set[str] = dataclasses.field(default_factory=set)
     stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     start: float = dataclasses.field(default_factory=time.time)
+    producer: dict[str, int] = dataclasses.field(default_factory=dict)  # key -> its writer
+    # The sampling loop (see the module docstring); `resolved` stays True without one.
+    resolved: bool = True
+    round: int = 1
+    refill_due: bool = False  # a round is over and its successor's batch is not loaded yet
+    kept: list[Any] = dataclasses.field(default_factory=list)  # ids kept, in order
+    kept_meta: dict[str, list[SequenceSample]] = dataclasses.field(default_factory=dict)
+    loop_counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # MFC -> the stats of each of its rounds (every loop MFC reports their mean)
+    loop_stats: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -92,6 +113,10 @@ class Master:
         for m in self.mfcs:
             if not m.is_train:
                 self.calls_on_model[m.model_name].append(m.name)
+        self.filter = dfg.filter  # the filter MFC of the sampling loop, or None
+        self.loop = dfg.loop  # the names of the loop's MFCs (the filter's and its ancestors')
+        # The first step whose loop reaches max_rounds is a warning, the later ones are not.
+        self.cap_warned = False
         self.readers: dict[str, set[str]] = collections.defaultdict(set)  # key -> its MFCs
         for m in self.mfcs:
             for key in m.input_keys:
@@ -139,6 +164,7 @@ class Master:
                     save(s)
             barrier = min((s for s in self.steps if save_after(s)), default=None)
             self._observe_stop(stop, next_fetch)
+            self._fetch_refills()
             if next_fetch <= self.last_step and self._may_fetch(next_fetch, barrier):
                 self.steps[next_fetch] = self._new_step(next_fetch)
                 payload = self.fetch_payload(next_fetch)
@@ -160,13 +186,25 @@ class Master:
     def _may_fetch(self, step: int, barrier: int | None) -> bool:
         if barrier is not None and step > barrier:
             return False
+        if any(not s.resolved for s in self.steps.values()):
+            return False  # a sampling loop still reads the dataset: keep its order fixed
         if self.steps and step > min(self.steps) + 1:  # at most two steps in flight
             return False
         return self._idle(self.data_worker)
 
     def _new_step(self, step: int) -> StepState:
         missing = {m.name: len(set(m.input_keys)) for m in self.mfcs}
-        return StepState(step, missing=missing, ready={n for n, k in missing.items() if k == 0})
+        ready = {n for n, k in missing.items() if k == 0}
+        return StepState(step, missing=missing, ready=ready, resolved=self.filter is None)
+
+    def _fetch_refills(self) -> None:
+        """Load the next batch of a sampling loop that needs one."""
+        for step in sorted(self.steps):
+            state = self.steps[step]
+            if state.refill_due and self._idle(self.data_worker):
+                state.refill_due = False
+                payload = self.fetch_payload(step)
+                self._submit(self.data_worker, Kind.FETCH_BATCH, payload, step, None, busy=True)
 
     def _idle(self, worker: int) -> bool:
         return self.busy[worker] == 0
@@ -179,6 +217,8 @@ class Master:
             if state.ids is None:
                 continue
             for name in sorted(state.ready, key=self.rank.__getitem__):
+                if not state.resolved and name not in self.loop:
+                    continue  # runs on the samples the sampling loop keeps
                 mfc = self.by_name[name]
                 if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
@@ -216,7 +256,7 @@ class Master:
             self._submit(t.src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
             for key in t.meta.keys:
                 state.holders[key].add(dst)
-        req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers)
+        req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers, state.round)
         self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
         state.ready.discard(mfc.name)
         state.running.add(mfc.name)
@@ -297,15 +337,20 @@ class Master:
             state.running.discard(mfc.name)
             state.done.add(mfc.name)
             state.stats[mfc.name] = result.stats
+            if mfc.name in self.loop:
+                state.loop_stats.setdefault(mfc.name, []).append(result.stats)
             if result.meta is not None:
                 for key in result.meta.keys:
                     self._add_key(state, key, result.meta.select([key]), call.worker)
             self._release_inputs(state, mfc)
+            if mfc is self.filter:
+                self._after_filter(state, result)
 
     def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
         first = key not in state.meta
         state.meta[key] = meta
         state.holders[key] = {worker}
+        state.producer[key] = worker
         state.consumers[key] = set(self.readers[key])
         for name in self.readers[key] if first else ():
             state.missing[name] -= 1
@@ -319,6 +364,88 @@ class Master:
             if not state.consumers[key]:
                 finished.append(key)
         self._free(state, finished)
+
+    # ---- the sampling loop ------------------------------------------------------------------
+
+    def _after_filter(self, state: StepState, result: MFCResult) -> None:
+        """Keep what the filter passed (up to n_seqs for the step); then close the loop or start
+        its next round."""
+        assert self.filter is not None and self.filter.filter_loop is not None
+        round_ids = list(state.ids or [])
+        passed = set(result.meta.ids) if result.meta is not None else set()
+        unknown = passed - set(round_ids)
+        if unknown:
+            raise RunFailure(
+                f"filter MFC '{self.filter.name}' at step {state.step} returned samples it was "
+                f"not given: {sorted(unknown, key=str)[:5]}"
+            )
+        need = self.filter.n_seqs - len(state.kept)
+        keep = [i for i in round_ids if i in passed][:need]
+        counts = state.loop_counts
+        counts.update(rounds=1, generated=len(round_ids), qualified=len(passed))
+        at_cap = state.round >= self.filter.filter_loop.max_rounds
+        if len(keep) < need and at_cap:
+            short = need - len(keep)
+            fill = [i for i in round_ids if i not in passed][:short]
+            counts.update(filled=len(fill))
+            log = logger.debug if self.cap_warned else logger.warning
+            self.cap_warned = True
+            log(
+                "step %d: %d of %d samples passed filter '%s' in %d batches (max_rounds); the "
+                "batch is topped up with %d that did not (this and later steps: metrics "
+                "%s/filled and %s/cap_reached)",
+                state.step, len(state.kept) + len(keep), self.filter.n_seqs, self.filter.name,
+                state.round, len(fill), self.filter.name, self.filter.name,
+            )  # fmt: skip
+            taken = set(keep) | set(fill)
+            keep = [i for i in round_ids if i in taken]
+        self._keep_samples(state, round_ids, keep)
+        if len(state.kept) == self.filter.n_seqs:
+            self._close_loop(state, at_cap)
+        else:
+            self._next_round(state)
+
+    def _keep_samples(self, state: StepState, round_ids: list[Any], keep: list[Any]) -> None:
+        """Free the round's other samples everywhere, and the kept ones' copies on workers that
+        fetched them (the producer of each key keeps them); remember the kept samples' meta."""
+        kept = set(keep)
+        dropped = [i for i in round_ids if i not in kept]
+        for key, workers in state.holders.items():
+            producer = state.producer[key]
+            for w in sorted(workers):
+                ids = dropped if w == producer else round_ids
+                if ids:
+                    self.pending_frees[w].append((ids, [key]))
+            state.holders[key] = {producer}
+        if keep:
+            rows = [i for i, sample_id in enumerate(round_ids) if sample_id in kept]
+            for key, meta in state.meta.items():
+                state.kept_meta.setdefault(key, []).append(meta.index(rows))
+            state.kept.extend(round_ids[i] for i in rows)
+
+    def _next_round(self, state: StepState) -> None:
+        """Run the loop again on a fresh batch: its MFCs wait for the batch's keys anew."""
+        state.round += 1
+        state.ids = None
+        state.refill_due = True
+        state.meta.clear()  # only dataset and loop keys exist yet; the kept ones' are saved
+        state.done -= self.loop
+        state.missing = {m.name: len(set(m.input_keys)) for m in self.mfcs}
+        state.ready = {n for n, k in state.missing.items() if k == 0 and n not in state.done}
+
+    def _close_loop(self, state: StepState, at_cap: bool) -> None:
+        """The step's ids become the kept samples; the MFCs outside the loop may run."""
+        assert self.filter is not None
+        state.ids = list(state.kept)
+        for key, metas in state.kept_meta.items():
+            state.meta[key] = SequenceSample.gather(metas)
+        state.resolved = True
+        for name, per_round in state.loop_stats.items():  # every round weighs the same
+            state.stats[name] = _mean_stats(per_round)
+        counts = state.loop_counts
+        stats = state.stats[self.filter.name]
+        stats.update({k: float(counts[k]) for k in ("rounds", "generated", "qualified", "filled")})
+        stats["cap_reached"] = float(at_cap and counts["filled"] > 0)
 
     def _free(self, state: StepState, keys: list[str]) -> None:
         by_worker: dict[int, list[str]] = {}
@@ -337,6 +464,15 @@ class Master:
     def _drain(self) -> None:
         while self.calls:
             self._collect()
+
+
+def _mean_stats(all_stats: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over the dicts that report the key."""
+    values: dict[str, list[float]] = collections.defaultdict(list)
+    for stats in all_stats:
+        for k, v in stats.items():
+            values[k].append(float(v))
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def _merge_meta(metas: list[SequenceSample]) -> SequenceSample:

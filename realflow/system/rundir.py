@@ -33,9 +33,12 @@ from realflow.system.checkpoint import checkpoints_dir, recover_checkpoints
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-# What a run writes into its directory: a directory holding any of these holds a run.
-RUN_FILES = ("metrics.jsonl", "checkpoints", "trace.json", "tensorboard", "config.yaml")
-RUN_FILES_ALSO_CLEARED = ("dfg.json", "dfg.dot", "dfg.svg", "trace.json.tmp")
+# A directory holding either of these holds a run (at least one step ran). The other files a
+# run writes (config, graph, trace, events) are replaced by the next run or cleared with it.
+RUN_FILES = ("metrics.jsonl", "checkpoints")
+RUN_FILES_ALSO_CLEARED = (
+    "tensorboard", "trace.json", "config.yaml", "dfg.json", "dfg.dot", "dfg.svg", "trace.json.tmp",
+)  # fmt: skip
 
 
 class RunDirError(ValueError):

@@ -22,6 +22,7 @@ from realflow.system.evaluation import Evaluation, batch_sizes, setup_info
 from realflow.system.interrupt import Interrupted, StopRequest
 from realflow.system.master import Master, RunFailure
 from realflow.system.observe import MetricsWriter, Tracer, drop_rows_after
+from realflow.system.preflight import RoleCheckError
 from realflow.system.rundir import RunDirError, default_output_dir, open_run_dir
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, WorkerSpec
@@ -113,9 +114,9 @@ def run_experiment(name: str, cfg: ExperimentConfig) -> int:
     try:
         with stop.on_signals():
             result = run(name, cfg, stop)
-    except (RunDirError, CheckpointError) as e:
+    except (RunDirError, RoleCheckError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, RunDirError) else 1
+        return 1 if isinstance(e, CheckpointError) else 2
     except RunFailure as e:
         logger.error("run failed: %s\n%s", e, e.traceback_text)
         print(f"error: run failed: {e}", file=sys.stderr)
@@ -180,6 +181,7 @@ def run(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None = None
 
 def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | None) -> RunResult:
     from realflow.system.builtin_models import resolve_builtin_models
+    from realflow.system.preflight import check_roles
 
     output_dir = cfg.output_dir
     found = latest_checkpoint(output_dir) if cfg.recover_mode != "disabled" else None
@@ -191,8 +193,9 @@ def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | Non
     if cfg.recover_mode == "auto" and found is None:
         logger.warning("recover_mode=auto: no checkpoint in %s; starting at step 1", output_dir)
     dfg = cfg.dfg()
-    _write_run_files(cfg, dfg)
     run_cfg = resolve_builtin_models(cfg)
+    check_roles(run_cfg)  # before any worker starts: models and tokenizers fit together
+    _write_run_files(cfg, dfg)
     first_step = 1
     # Rows of steps past the checkpoint run again (all of them when starting fresh).
     drop_rows_after(output_dir, found[0] if found else 0)

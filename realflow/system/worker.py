@@ -21,7 +21,7 @@ import torch
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
-from realflow.api.registry import DATASETS, INTERFACES, METRICS, load_plugins
+from realflow.api.registry import INTERFACES, METRICS, load_plugins
 from realflow.experiments.common import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class MFCRequest:
     step: int
     ids: list[Any]
     transfers: list[Transfer]
+    round: int = 1  # the round of a sampling loop (see master.py): round r > 1 is seeded apart
 
 
 @dataclasses.dataclass
@@ -199,14 +200,7 @@ class ModelWorker:
             from realflow.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer("builtin")
-        d = cfg.dataset
-        return DATASETS.get(cfg.dataset_type)(
-            path,
-            tokenizer,
-            max_length=d.max_length,
-            truncate=d.truncate,
-            skip_bad_rows=d.skip_bad_rows,
-        )
+        return cfg.build_dataset(tokenizer, path)
 
     def _eval_batches(self) -> int:
         if self.eval_loader is None:
@@ -229,6 +223,13 @@ class ModelWorker:
                 self._eval_iter = iter(self.eval_loader.epoch_batches(0))
             batch = next(self._eval_iter)
             batch = dataclasses.replace(batch, ids=[("eval", i) for i in batch.ids])
+        missing = set(self.spec.config.dataset_keys) - batch.keys
+        if missing:
+            raise ValueError(
+                f"the dataset ({self.spec.config.dataset_type}) gave samples without keys "
+                f"{sorted(missing)} that the graph reads from it (dataset_keys "
+                f"{list(self.spec.config.dataset_keys)}); make the dataset write them"
+            )
         self._put(batch)
         return batch.meta()
 
@@ -298,7 +299,8 @@ class ModelWorker:
         interface = self.interfaces[mfc.name]
         device = getattr(model.module, "device", None) or "cpu"
         model.rng = torch.Generator(device=device)
-        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, mfc.name))
+        seed_name = mfc.name if req.round == 1 else f"{mfc.name}#round{req.round}"
+        model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, seed_name))
         offload = mfc.model_name in self.offloaded
         if offload:
             model.module.onload()
@@ -356,7 +358,8 @@ class ModelWorker:
         if not self.metric_fns:
             return {}
         data = inputs.select([k for k in inputs.keys if k not in out.keys])
-        data.update_(out)
+        if out.ids == data.ids:  # a sampling loop's filter returns the samples that passed only
+            data.update_(out)
         stats: dict[str, float] = {}
         for name, fn in self.metric_fns:
             try:

@@ -243,13 +243,21 @@ def test_missing_plugin_file_or_module_is_a_user_error(tmp_path):
 
 
 def test_a_plugin_whose_own_import_fails_is_not_disguised(tmp_path, monkeypatch):
-    # The plugin exists; what it imports does not: that is the plugin's bug, shown as is.
+    # The plugin exists; what it imports does not: that is the plugin's bug, reported as the
+    # plugin's failure with the missing module named (not as "plugin not found").
+    from realflow.api.registry import PluginError
+
     write_module(tmp_path, "rf_plugin_bad_dep", "import rf_missing_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError) as e:
+    with pytest.raises(PluginError) as e:
         load_plugins(["rf_plugin_bad_dep"], entry_points=False)
-    assert not isinstance(e.value, RegistryError)
-    assert e.value.name == "rf_missing_dependency_xyz"
+    assert str(e.value) == (
+        "plugin 'rf_plugin_bad_dep' failed while importing: ModuleNotFoundError: "
+        "No module named 'rf_missing_dependency_xyz'"
+    )
+    assert isinstance(e.value.__cause__, ModuleNotFoundError)
+    assert e.value.__cause__.name == "rf_missing_dependency_xyz"
+    assert "rf_plugin_bad_dep.py" in e.value.traceback_text
 
 
 def test_a_plugin_reusing_a_builtin_experiment_name_fails(tmp_path):

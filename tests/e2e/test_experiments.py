@@ -1,9 +1,11 @@
 """Every built-in experiment end to end on a tiny config in local mode: finite metrics, one row
-per step, one trace event per call, trained weights that moved and load in `transformers`; an
+per step, one trace event per call (per round in a sampling loop), trained weights that moved
+and load in `transformers`; an
 SFT checkpoint as PPO's starting point; learning signal in tiny budgets; PPO in Ray mode."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -17,6 +19,7 @@ from e2e_utils import (
     read_metrics,
     saved_state,
     tiny_config,
+    trace_calls,
 )
 
 from realflow.system.runner import run
@@ -30,6 +33,9 @@ EXPERIMENTS = {
     "dpo": ("loss", {"actor": "lm"}),
     "ppo": ("reward/mean", {"actor": "lm", "critic": "critic"}),
     "grpo": ("reward/mean", {"actor": "lm"}),
+    "rloo": ("reward/mean", {"actor": "lm"}),
+    "reinforce_pp": ("reward/mean", {"actor": "lm"}),
+    "dapo": ("reward/mean", {"actor": "lm"}),
 }
 HF_CLASSES = {
     "lm": "AutoModelForCausalLM",
@@ -73,9 +79,19 @@ def test_experiment_end_to_end(exp, tmp_path, reverse_sft):
     assert all(stat in r for r in rows), sorted(rows[0])
     assert_finite_rows(rows)
 
-    # trace: each MFC ran exactly once per step
-    mfcs = [m.name for m in cfg.dfg().mfcs]
-    assert_one_trace_event_per_call(result.output_dir, mfcs, STEPS)
+    # trace: each MFC ran once per step; those of a sampling loop once per round
+    dfg = cfg.dfg()
+    if dfg.filter is None:
+        assert_one_trace_event_per_call(result.output_dir, [m.name for m in dfg.mfcs], STEPS)
+    else:
+        rounds = [int(r[f"{dfg.filter.name}/rounds"]) for r in rows]
+        want = collections.Counter(
+            (m.name, step)
+            for step, n in zip(range(1, STEPS + 1), rounds)
+            for m in dfg.mfcs
+            for _ in range(n if m.name in dfg.loop else 1)
+        )
+        assert collections.Counter(trace_calls(result.output_dir)) == want
 
     # checkpoint: the trained roles (only they) saved as HF directories, with weights that moved
     ckpt = result.last_checkpoint
@@ -172,3 +188,20 @@ def test_ppo_ray_mode(tmp_path, reverse_sft):
         hf_dir = os.path.join(result.last_checkpoint, role)
         assert changed(initial_state(cfg, role), saved_state(hf_dir, head))
         check_hf_loads(hf_dir, head)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dapo_sampling_loop_ray_mode(tmp_path, reverse_sft):
+    """mode=ray: the sampling loop's refills and the sends between actor and reward workers."""
+    pytest.importorskip("ray")
+    cfg = tiny_config("dapo", tmp_path, "total_steps=2", "mode=ray", "dapo.max_rounds=3")
+    result = run("dapo", cfg)
+    rows = read_metrics(result.output_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_finite_rows(rows)
+    rounds = [int(r["dyn_filter/rounds"]) for r in rows]
+    calls = collections.Counter(trace_calls(result.output_dir))
+    for step, n in enumerate(rounds, start=1):
+        assert calls[("actor_gen", step)] == calls[("dyn_filter", step)] == n
+        assert calls[("actor_train", step)] == 1

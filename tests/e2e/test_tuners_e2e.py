@@ -53,6 +53,12 @@ def test_adapter_keys_are_documented_and_checked():
         tiny_config("grpo", "unused", *LORA, "actor.lora.bias=all", "ref.base_of=actor")
 
 
+def test_base_of_on_a_role_the_run_drops_is_an_error():
+    """grpo.kl_beta=0 drops ref and its node: a ref.base_of would do nothing."""
+    with pytest.raises(ConfigError, match=r"ref.base_of \('actor'\): this run has no role ref"):
+        tiny_config("grpo", "unused", *LORA, "ref.base_of=actor", "grpo.kl_beta=0")
+
+
 def test_shared_ref_goes_on_the_actors_worker():
     cfg = tiny_config("grpo", "unused", *LORA, "ref.base_of=actor")
     where = runner.placement(cfg, cfg.dfg())

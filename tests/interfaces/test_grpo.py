@@ -72,9 +72,9 @@ def test_grpo_generate_groups_and_train(tokenizer):
     assert changed(before, actor.module.module)
 
 
-def test_grpo_seq_mean_runs(tokenizer):
+def test_grpo_sequence_mean_loss_runs(tokenizer):
     actor = train_model(tokenizer)
-    grpo = INTERFACES.get("grpo_actor")(**grpo_args(loss_agg="seq_mean", n_minibatches=1))
+    grpo = INTERFACES.get("grpo_actor")(**grpo_args(loss_type="grpo", n_minibatches=1))
     out = grpo.generate(actor, dataset_batch("prompt", tokenizer, 2), MB)
     data = out.select(out.keys)
     data.update_(grpo.inference(actor, out, MB).remap_keys({"logprobs": "ref_logprobs"}))

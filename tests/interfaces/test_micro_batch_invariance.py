@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from iface_testutils import NO_LIMIT, inference_model, train_model
+from iface_testutils import NO_LIMIT, grouped_batch, inference_model, rl_batch, train_model
 
-from realflow.algorithms.ppo import LOSS_REDUCTIONS
+from realflow.algorithms.ppo import LOSS_TYPES
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import MicroBatchSpec
 from realflow.api.registry import INTERFACES
 from realflow.engines import OptimizerConfig
-from realflow.interfaces.common import answer_mask_T1
 
 LINEAR_STEP = OptimizerConfig(
     lr=1.0, eps=1.0, gradient_clipping=0.0, lr_scheduler_type="constant",
@@ -35,38 +34,6 @@ def split_spec(split: str, data: SequenceSample, n_steps: int = 1) -> MicroBatch
     if split == "n_mbs=3":
         return MicroBatchSpec(n_mbs=3)
     return MicroBatchSpec(max_tokens_per_mb=sum(data.sample_tokens()) // (3 * n_steps))
-
-
-def random_sequences(n: int, seed: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n (ids, prompt_mask) sequences: prompts of 2..5 tokens, answers of 1..12 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        n_prompt = int(torch.randint(2, 6, (), generator=g))
-        n_answer = int(torch.randint(1, 13, (), generator=g))
-        ids = torch.randint(3, vocab, (n_prompt + n_answer,), generator=g)
-        mask = torch.tensor([True] * n_prompt + [False] * n_answer)
-        out.append((ids, mask))
-    return out
-
-
-def grouped_batch(tokenizer, group_sizes: list[int], seed: int = 0) -> SequenceSample:
-    """Samples holding `group_sizes[i]` sequences each (packed_input_ids, prompt_mask)."""
-    seqs = random_sequences(sum(group_sizes), seed, len(tokenizer))
-    ids, masks, start = [], [], 0
-    for n in group_sizes:
-        ids.append([s for s, _ in seqs[start : start + n]])
-        masks.append([m for _, m in seqs[start : start + n]])
-        start += n
-    keys = {"packed_input_ids": ids, "prompt_mask": masks}
-    return SequenceSample.from_sequences(list(range(len(group_sizes))), keys)
-
-
-def per_sequence(data: SequenceSample, values: list[float]) -> SequenceSample:
-    """One value per sequence of packed_input_ids, under `rewards`."""
-    it = iter(values)
-    rows = [[torch.tensor([next(it)]) for _ in lens] for lens in data.seqlens["packed_input_ids"]]
-    return SequenceSample.from_sequences(data.ids, {"rewards": rows})
 
 
 def record_micro_batches(model) -> list[int]:
@@ -128,26 +95,6 @@ def test_dpo(tokenizer, split):
     assert_same_weights(tokenizer, "lm", make, data, split)
 
 
-def rl_batch(tokenizer, group_sizes, iface, seed):
-    """A train batch of ppo/grpo: sequences with the actor's own log-probs (0 on the prompt, as
-    a rollout stores them), a reference's log-probs, a critic's values and random rewards."""
-    data = grouped_batch(tokenizer, group_sizes, seed)
-    ids = data.select(["packed_input_ids"])
-    logp = iface.inference(inference_model(tokenizer, seed=0), ids, NO_LIMIT)
-    mask_T1 = answer_mask_T1(data.data["prompt_mask"], data.cu_seqlens("packed_input_ids"))
-    logp.data["logprobs"] = logp.data["logprobs"] * mask_T1
-    data.update_(logp)
-    ref = iface.inference(inference_model(tokenizer, seed=1), ids, NO_LIMIT)
-    data.update_(ref.remap_keys({"logprobs": "ref_logprobs"}))
-    n = sum(group_sizes)
-    g = torch.Generator().manual_seed(seed)
-    data.update_(per_sequence(data, torch.randn(n, generator=g).tolist()))
-    no_eos = [[torch.tensor([bool(b)]) for b in (torch.rand(len(lens), generator=g) < 0.3)]
-              for lens in data.seqlens["packed_input_ids"]]  # fmt: skip
-    data.update_(SequenceSample.from_sequences(data.ids, {"no_eos_mask": no_eos}))
-    return data
-
-
 def ppo_iface(role: str, **changes):
     from realflow.experiments.common import interface_args
     from realflow.experiments.ppo import PPOHyperparameters
@@ -169,16 +116,67 @@ def test_ppo(tokenizer, role, head, split):
     assert_same_weights(tokenizer, head, make, data, split, n_steps=2)
 
 
-@pytest.mark.parametrize("loss_agg", sorted(LOSS_REDUCTIONS))
-@pytest.mark.parametrize("split", SPLITS)
-def test_grpo(tokenizer, loss_agg, split):
+def policy_iface(exp: str, impl: str, **changes):
+    from realflow.api.registry import EXPERIMENTS
     from realflow.experiments.common import interface_args
-    from realflow.experiments.grpo import GRPOHyperparameters
 
-    def make():
-        args = interface_args(GRPOHyperparameters(group_size=3))
-        args.update(loss_agg=loss_agg, n_minibatches=1)
-        return INTERFACES.get("grpo_actor")(**args)
+    cfg = EXPERIMENTS.get(exp)()
+    args = interface_args(cfg.hyperparameters())
+    args.update(n_minibatches=1, **changes)
+    return INTERFACES.get(impl)(**args)
 
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_grpo(tokenizer, loss_type, split):
+    make = lambda: policy_iface("grpo", "grpo_actor", group_size=3, loss_type=loss_type)  # noqa: E731
     data = rl_batch(tokenizer, [3] * 6, make(), seed=4)
+    assert_same_weights(tokenizer, "lm", make, data, split)
+
+
+@pytest.mark.parametrize("kl_in_reward", [True, False])
+@pytest.mark.parametrize("split", SPLITS)
+def test_rloo(tokenizer, kl_in_reward, split):
+    make = lambda: policy_iface("rloo", "rloo_actor", group_size=3, kl_in_reward=kl_in_reward)  # noqa: E731
+    data = rl_batch(tokenizer, [3] * 6, make(), seed=5)
+    assert_same_weights(tokenizer, "lm", make, data, split)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_reinforce_pp(tokenizer, split):
+    """Advantages are whitened over the whole batch, before it is split."""
+    make = lambda: policy_iface("reinforce_pp", "reinforce_pp_actor", loss_type="dr_grpo")  # noqa: E731
+    data = rl_batch(tokenizer, [1] * 12, make(), seed=6)
+    assert_same_weights(tokenizer, "lm", make, data, split)
+
+
+# ---- per-token loss scales -------------------------------------------------------------------------
+
+
+def with_loss_scale(data: SequenceSample, seed: int) -> SequenceSample:
+    """`data` plus `loss_scale`: 0 on the prompt, weights in [0, 2) on answer tokens, a fifth of
+    them 0, so the micro-batches' shares of trained tokens differ from their answer tokens'."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_T = data.data["prompt_mask"]
+    w_T = torch.rand(prompt_T.shape, generator=g) * 2
+    w_T[(torch.rand(prompt_T.shape, generator=g) < 0.2) | prompt_T] = 0.0
+    lens = [list(x) for x in data.seqlens["packed_input_ids"]]
+    data.update_(
+        SequenceSample(ids=data.ids, seqlens={"loss_scale": lens}, data={"loss_scale": w_T})
+    )
+    return data
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_sft_with_loss_scale(tokenizer, split):
+    data = with_loss_scale(grouped_batch(tokenizer, [1] * 6, seed=5), seed=5)
+    assert_same_weights(tokenizer, "lm", INTERFACES.get("sft"), data, split)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_dpo_with_loss_scale(tokenizer, split):
+    data = with_loss_scale(grouped_batch(tokenizer, [2, 4, 2, 2, 6, 2], seed=6), seed=6)
+    ref = inference_model(tokenizer, seed=1)
+    make = lambda: INTERFACES.get("dpo")(beta=0.5)  # noqa: E731
+    data.update_(make().inference(ref, data, NO_LIMIT).remap_keys({"seqlogp": "ref_seqlogp"}))
     assert_same_weights(tokenizer, "lm", make, data, split)

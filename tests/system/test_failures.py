@@ -51,3 +51,20 @@ def test_hung_call_times_out(tmp_path):
     message = str(info.value)
     assert "MFC 'critic_inf' on worker 3 at step 2 timed out after 1 s" in message, message
     check_checkpoints_intact(str(tmp_path), expect_latest=1)
+
+
+def test_a_dataset_missing_a_key_the_graph_reads_fails_clearly(tmp_path):
+    """A graph that reads a dataset key the dataset does not write used to wait forever."""
+    import dataclasses
+    from typing import ClassVar
+
+    from realflow.system.toy_interfaces import ToyConfig, ToyNode
+
+    @dataclasses.dataclass
+    class NeedsScale(ToyConfig):
+        dataset_keys: ClassVar[tuple[str, ...]] = ("packed_prompts", "loss_scale")
+
+    nodes = [ToyNode("train", "actor", "train_step", ["packed_prompts", "loss_scale"])]
+    cfg = NeedsScale(nodes=nodes, output_dir=str(tmp_path), total_steps=2)
+    with pytest.raises(RunFailure, match=r"gave samples without keys \['loss_scale'\]"):
+        runner.run("toy", cfg)
