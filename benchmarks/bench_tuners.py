@@ -88,7 +88,9 @@ def memory(args: argparse.Namespace) -> None:
         "n_seqs=4", "dataset.max_length=64", "tensorboard=false", "progress_bar=false",
     ]  # fmt: skip
     print(f"model: hidden {args.hidden}, {args.layers} layers (fp32 weights)")
-    print(f"{'ref':<22}{'actor params':>14}{'ref params':>12}{'params MiB':>12}{'peak RSS MiB':>14}")
+    print(
+        f"{'ref':<22}{'actor params':>14}{'ref params':>12}{'params MiB':>12}{'peak RSS MiB':>14}"
+    )
     for label, extra in (("ref.base_of=actor", ["ref.base_of=actor"]), ("separate ref", [])):
         out = os.path.join(root, label.replace(" ", "_").replace("=", "_"))
         cmd = [sys.executable, "-c", CHILD, *common, *extra, f"output_dir={out}"]

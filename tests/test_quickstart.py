@@ -132,7 +132,9 @@ def test_unknown_experiment_lists_the_registered_ones_and_the_closest():
 
 def test_no_experiment_lists_them_too():
     err = user_error("--dry-run", "n_seqs=3")
-    assert "name an experiment" in err and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
+    assert (
+        "name an experiment" in err and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in err
+    )
 
 
 def test_unknown_option():
@@ -198,7 +200,9 @@ def test_help_lists_fields_with_type_default_and_doc():
 
 def test_general_help_lists_experiments():
     proc = run_cli("--help")
-    assert proc.returncode == 0 and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in proc.stdout
+    assert (
+        proc.returncode == 0 and "dapo, dpo, grpo, ppo, reinforce_pp, rloo, rw, sft" in proc.stdout
+    )
 
 
 # ---- runs ------------------------------------------------------------------------------------
