@@ -3,6 +3,8 @@ the examples) is trained once per session, into the session's private cache (tes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 
@@ -14,13 +16,25 @@ def reverse_sft() -> str:
     return builtin_sft_path("reverse")
 
 
-@pytest.fixture(scope="session")
-def examples_loaded() -> None:
+@pytest.fixture(scope="module")
+def examples_loaded() -> Iterator[None]:
     """Import the example plugins in this process (registers ppo_minilm, remax and their
-    interfaces, and dpo_lora's loss, metric and callback; loading them again is a no-op)."""
+    interfaces, and dpo_lora's loss, metric and callback) for one test module; afterwards every
+    registry holds what it held before, so later tests see only the built-in entries."""
     from e2e_utils import DPO_LORA_PLUGINS, PPO_MINILM, REMAX, REPO
 
-    from realflow.api.registry import load_plugins
+    from realflow.api import registry
 
+    registries = [r for r in vars(registry).values() if isinstance(r, registry.Registry)]
+    for r in registries:
+        r._load_builtins()  # loaded now, so that the snapshot holds them
+    saved = [dict(r._entries) for r in registries]
+    saved_loaded = set(registry._loaded_plugins)
     plugins = [PPO_MINILM, REMAX, DPO_LORA_PLUGINS]
-    load_plugins([str(REPO / p) for p in plugins], entry_points=False)
+    registry.load_plugins([str(REPO / p) for p in plugins], entry_points=False)
+    yield
+    for r, entries in zip(registries, saved):
+        r._entries.clear()
+        r._entries.update(entries)
+    registry._loaded_plugins.clear()
+    registry._loaded_plugins.update(saved_loaded)
