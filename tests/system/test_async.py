@@ -14,7 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from systest_utils import by_key, check_dependencies, check_one_call_per_worker, load_trace, toy_config
+from systest_utils import (
+    by_key,
+    check_dependencies,
+    check_one_call_per_worker,
+    load_trace,
+    toy_config,
+)
 
 from realflow.api.dfg import MFCDef
 from realflow.system import runner
