@@ -6,8 +6,10 @@ the actor's weights that the master refreshes after every train step).
   staleness the train step reports (from the samples' policy_version) is the trace's;
 - k=1 learns the task (and does not with the advantages negated).
 
-Figures that set the learning margin (seed 1, 2 shared CPU cores, 2026-11-30): grpo with
-async.max_staleness=1 async.separate_gen=true, 120 steps: see LEARN_STEPS / MIN_GAIN below.
+Figures that set the learning margin (seed 1, 2 shared CPU cores, 2026-11-29): grpo with
+async.max_staleness=1 async.separate_gen=true, 80 steps: reward/mean 0.21 -> 0.40 (first vs
+last 10%), mean staleness 0.99. The staleness pattern depends on timing, so the run is not
+bit-reproducible; the margin is the one the other critic-free learning tests use.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from realflow.system.runner import run
 pytestmark = pytest.mark.timeout(600)
 
 ASYNC = ("async.separate_gen=true",)
-LEARN_STEPS, MIN_GAIN = 120, 0.15
+LEARN_STEPS, MIN_GAIN = 80, 0.12
 
 
 def _without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
