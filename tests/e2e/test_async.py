@@ -106,14 +106,12 @@ def test_async_grpo_learns_the_task(tmp_path, reverse_sft, monkeypatch, bug):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_mode_sends_the_weights_to_the_copy(tmp_path, reverse_sft):
-    """mode=ray: the copy on its own actor gets the trained weights through the object store.
-    At k=0 the run equals the ray run without a copy (both with the actors' thread settings)."""
+    """mode=ray: the copy on its own actor gets the trained weights through the object store:
+    at k=0 the run equals the ray run without a copy (both under the actors' thread settings;
+    step 2 generates with the weights step 1 trained)."""
     pytest.importorskip("ray")
-    steps = ("total_steps=3", "mode=ray")
+    steps = ("total_steps=2", "mode=ray")
     today = run("grpo", tiny_config("grpo", tmp_path / "today", *steps)).rows
     copy = run("grpo", tiny_config("grpo", tmp_path / "copy", *steps, *ASYNC)).rows
     assert _without_time(copy) == _without_time(today)
-    out = str(tmp_path / "k1")
-    run("grpo", tiny_config("grpo", out, *steps, *ASYNC, "async.max_staleness=1"))
-    gen, train = _versions(out, "actor_gen"), _versions(out, "actor_train")
-    assert all(0 <= train[s] - gen[s] <= 1 for s in train), (gen, train)
+    assert _versions(str(tmp_path / "copy"), "actor_gen") == {1: 0, 2: 1}
