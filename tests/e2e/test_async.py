@@ -20,7 +20,7 @@ import statistics
 from typing import Any
 
 import pytest
-from e2e_utils import tiny_config
+from e2e_utils import read_metrics, tiny_config
 
 from realflow.system.runner import run
 
@@ -50,6 +50,25 @@ def test_k0_with_gen_on_its_own_worker_gives_todays_metrics(tmp_path, reverse_sf
     assert _without_time(copy) == _without_time(today)
     gen = _versions(str(tmp_path / "copy"), "actor_gen")
     assert gen == {s: s - 1 for s in range(1, 5)}  # the copy had the weights of step s-1
+
+
+@pytest.mark.slow
+def test_a_stopped_run_with_a_copy_resumes_exactly(tmp_path, reverse_sft):
+    """The copy's weights and version come back from the actor's checkpoint: a k=0 run with
+    gen on its own worker, stopped after step 2 and resumed, logs what an uninterrupted run
+    logs."""
+    keys = ("total_steps=4", *ASYNC)
+    whole = run("grpo", tiny_config("grpo", tmp_path / "whole", *keys)).rows
+    out = tmp_path / "parts"
+
+    def two_steps_done() -> bool:
+        path = out / "metrics.jsonl"
+        return path.is_file() and len(path.read_text().splitlines()) >= 2
+
+    first = run("grpo", tiny_config("grpo", out, *keys), stop=two_steps_done)
+    assert first.interrupted and first.saved_at_stop and first.last_step < 4
+    run("grpo", tiny_config("grpo", out, *keys, "recover_mode=auto"))
+    assert _without_time(read_metrics(out)) == _without_time(whole)
 
 
 @pytest.mark.slow
