@@ -19,6 +19,7 @@ from realflow.algorithms.normalize import (
     masked_var,
     masked_whiten,
 )
+from realflow.algorithms.offpolicy import CORRECTIONS, decoupled_weights, tis_surrogate
 from realflow.algorithms.packed import (
     broadcast_to_tokens,
     build_answer_mask,
@@ -63,6 +64,7 @@ from realflow.algorithms.preference import (
 
 __all__ = [
     "AdaptiveKLController",
+    "CORRECTIONS",
     "DPOStats",
     "FixedKLController",
     "LOSS_TYPES",
@@ -75,6 +77,7 @@ __all__ = [
     "broadcast_to_tokens",
     "build_answer_mask",
     "cu_seqlens_from_lens",
+    "decoupled_weights",
     "discounted_returns",
     "dpo_loss",
     "gae_packed",
@@ -107,4 +110,5 @@ __all__ = [
     "should_skip_minibatch",
     "split_critic_values",
     "split_interleaved_pairs",
+    "tis_surrogate",
 ]

@@ -6,6 +6,7 @@ positions where ``loss_mask_T1`` is set enter the losses and the statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 
 from realflow.algorithms.kl import kl_estimate
 from realflow.algorithms.normalize import masked_mean
+from realflow.algorithms.offpolicy import CORRECTIONS, decoupled_weights, tis_surrogate
 from realflow.algorithms.packed import check_same_shape, segment_sum, shifted_cu_seqlens
 
 
@@ -23,6 +25,9 @@ class PPOActorStats:
     ``approx_kl_k*`` estimate KL(old || new) from tokens sampled by the old policy with
     ``r = exp(logp - old_logp)``: k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r.
     ``ref_kl`` (GRPO only) is the mean k3 estimate of KL(pi || ref); ``entropy`` is set when given.
+    With an off-policy correction (see ``offpolicy``) ``is_weight_mean`` is the mean importance
+    weight of the behaviour policy and ``is_capped_frac`` the fraction of tokens it capped
+    (decoupled: weight set to 0; tis: truncated at the cap).
     """
 
     pg_loss: torch.Tensor
@@ -36,6 +41,8 @@ class PPOActorStats:
     n_tokens: torch.Tensor
     entropy: torch.Tensor | None = None
     ref_kl: torch.Tensor | None = None
+    is_weight_mean: torch.Tensor | None = None
+    is_capped_frac: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,9 @@ def policy_loss(
     ref_logprobs_T1: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     dual_clip: float | None = None,
+    correction: str = "none",
+    prox_logprobs_T1: torch.Tensor | None = None,
+    is_cap: float = 0.0,
 ) -> tuple[torch.Tensor, PPOActorStats]:
     """The clipped loss of the critic-free algorithms (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++).
 
@@ -266,21 +276,50 @@ def policy_loss(
     (``exp(ref_logp - logp) - (ref_logp - logp) - 1``); both reduced with
     :func:`aggregate_loss`. Gradients flow into ``logprobs_T1`` only; ``ref_kl`` in the stats
     is the reduced k3 term.
+
+    ``old_logprobs_T1`` are the behaviour log-probs (the policy that generated the tokens).
+    ``correction`` (see ``offpolicy``) for stale samples: ``"none"`` (the ratio to the behaviour
+    policy), ``"decoupled"`` (the ratio to ``prox_logprobs_T1``, the surrogate times
+    ``exp(prox - behav)``, tokens above ``is_cap`` > 0 dropped) or ``"tis"`` (no clip: the
+    truncated importance weight ``min(r, is_cap)`` to the behaviour policy).
     """
     check_same_shape("logprobs_T1", logprobs_T1, "loss_mask_T1", loss_mask_T1)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}, known: {', '.join(CORRECTIONS)}")
 
     def reduce(x_T1: torch.Tensor) -> torch.Tensor:
         return aggregate_loss(x_T1, loss_mask_T1, cu_seqlens_B1, loss_type, max_answer_tokens)
 
-    pg_T1, ratio, clipped, dual = ppo_surrogate(
-        logprobs_T1, old_logprobs_T1, advantages_T1, eps_clip, dual_clip, eps_clip_high
-    )
+    weight = capped = None
+    if correction == "tis":
+        pg_T1, ratio, clipped = tis_surrogate(logprobs_T1, old_logprobs_T1, advantages_T1, is_cap)
+        dual = torch.zeros_like(clipped)
+        weight, capped = ratio.detach().clamp(max=is_cap), clipped
+    else:
+        denom_T1 = old_logprobs_T1
+        if correction == "decoupled":
+            if prox_logprobs_T1 is None:
+                raise ValueError("correction 'decoupled' needs prox_logprobs_T1")
+            denom_T1 = prox_logprobs_T1
+        pg_T1, ratio, clipped, dual = ppo_surrogate(
+            logprobs_T1, denom_T1, advantages_T1, eps_clip, dual_clip, eps_clip_high
+        )
+        if correction == "decoupled":
+            weight, capped = decoupled_weights(prox_logprobs_T1, old_logprobs_T1, is_cap)
+            pg_T1 = pg_T1 * weight.to(pg_T1.dtype)
     pg_loss = reduce(pg_T1)
     loss, ref_kl = pg_loss, None
     if ref_logprobs_T1 is not None:
         ref_kl = reduce(kl_estimate(logprobs_T1, ref_logprobs_T1.detach(), "k3"))
         loss = loss + kl_beta * ref_kl
-    return loss, _actor_stats(pg_loss, ratio, clipped, dual, loss_mask_T1, None, ref_kl)
+    stats = _actor_stats(pg_loss, ratio, clipped, dual, loss_mask_T1, None, ref_kl)
+    if weight is not None and capped is not None:
+        stats = dataclasses.replace(
+            stats,
+            is_weight_mean=masked_mean(weight, loss_mask_T1),
+            is_capped_frac=masked_mean(capped.to(weight.dtype), loss_mask_T1),
+        )
+    return loss, stats
 
 
 # The reductions' older names, as grpo_loss takes them.

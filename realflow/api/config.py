@@ -10,6 +10,10 @@ Configs are plain dataclasses. A field is documented and constrained with `field
 (unknown key with the closest valid one, wrong type, bad value) as a `ConfigError` whose lines
 carry dotted paths. A dataclass may define `validate(self) -> list[str]` for rules across fields;
 its messages are prefixed with the dataclass's dotted path.
+
+A field whose key is a Python keyword is declared under another attribute name with `key=`:
+`async_: AsyncConfig = field_(..., key="async")` is typed `async.max_staleness=1` on the
+command line, in presets, `--help` and config.yaml.
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ def field_(
     ge: float | None = None,
     gt: float | None = None,
     default_factory: Any = dataclasses.MISSING,
+    key: str | None = None,
 ) -> Any:
-    """A dataclass field with a help text (shown by --help) and simple value rules."""
+    """A dataclass field with a help text (shown by --help) and simple value rules. `key`: the
+    name users type when it cannot be the attribute's (a Python keyword such as `async`)."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "ge": ge, "gt": gt}
+    if key:
+        metadata["key"] = key
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     if isinstance(default, (list, dict, set)):
@@ -54,6 +62,26 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def key_of(f: dataclasses.Field) -> str:
+    """The name users type for a field: its `key=` alias, else its attribute name."""
+    return f.metadata.get("key") or f.name
+
+
+def attr_path(cls: type, path: str) -> str:
+    """The attribute path of a dotted user key (`async.max_staleness` -> `async_.max_staleness`);
+    sections past a leaf (entries of a dict-typed field) are kept as they are."""
+    out: list[str] = []
+    owner: Any = cls
+    for part in path.split("."):
+        fields = (
+            {key_of(f): f for f in dataclasses.fields(owner)} if _is_dataclass_type(owner) else {}
+        )
+        f = fields.get(part)
+        out.append(f.name if f is not None else part)
+        owner = _hints(owner)[f.name] if f is not None else None
+    return ".".join(out)
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -63,7 +91,7 @@ def leaf_paths(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
     out: dict[str, dataclasses.Field] = {}
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{key_of(f)}"
         if _is_dataclass_type(hints[f.name]):
             out.update(leaf_paths(hints[f.name], path + "."))
         else:
@@ -92,10 +120,10 @@ def describe_fields(cls: type) -> str:
         instance = None
     rows = []
     for path, f in leaf_paths(cls).items():
-        owner_hints = _owner_hints(cls, path)
+        owner_hints = _owner_hints(cls, attr_path(cls, path))
         tp = type_name(owner_hints[f.name])
         if instance is not None:
-            default = repr(functools.reduce(getattr, path.split("."), instance))
+            default = repr(functools.reduce(getattr, attr_path(cls, path).split("."), instance))
         elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -154,10 +182,10 @@ def _check_key(cls: type, key: str, valid: dict[str, dataclasses.Field]) -> str 
     """None if `key` names a leaf (or an entry inside a dict-typed leaf), else a problem."""
     if key in valid:
         return None
-    for path in valid:
+    for path, f in valid.items():
         if (
             key.startswith(path + ".")
-            and typing.get_origin(_owner_hints(cls, path)[path.rpartition(".")[2]]) is dict
+            and typing.get_origin(_owner_hints(cls, attr_path(cls, path))[f.name]) is dict
         ):
             return None
     msg = f"{key}: unknown key"
@@ -226,7 +254,7 @@ def apply_overrides(cls: type, overrides: Sequence[str] = (), presets: Sequence[
                 # A list replaces the old one either way; merging converts its dict items into
                 # the dataclass a typed list holds (checking their keys and types).
                 is_list = isinstance(value, (list, ListConfig))
-                OmegaConf.update(conf, key, value, merge=is_list)
+                OmegaConf.update(conf, attr_path(cls, key), value, merge=is_list)
             except Exception as e:
                 problem = _omegaconf_problem(e, key, value)
         if problem:
@@ -253,7 +281,7 @@ def validate(cfg: Any, prefix: str = "") -> list[str]:
     problems: list[str] = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{key_of(f)}"
         if dataclasses.is_dataclass(value):
             problems.extend(validate(value, path + "."))
             continue
@@ -278,7 +306,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {key_of(f): conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, Enum):
             return v.value
         if isinstance(v, (list, tuple)):

@@ -340,6 +340,17 @@ class ExperimentConfig:
         """Optimizer steps one train_step MFC takes (sizes the LR schedule)."""
         return 1
 
+    def weight_copies(self) -> dict[str, str]:
+        """Roles that hold a copy of a trained role's weights, copy -> trained role (e.g. a
+        generation copy of the actor on its own worker). The master sends the trained role's
+        weights to each copy after every train_step of it; none by default."""
+        return {}
+
+    def max_staleness(self) -> int:
+        """How many train steps the weights of a copy may lag behind the step that reads its
+        outputs (see realflow.system.master); 0: none."""
+        return 0
+
     def node(
         self,
         name: str,

@@ -18,12 +18,13 @@ from typing import Any
 from realflow.api.config import field_
 from realflow.api.dfg import FilterLoop, MFCDef
 from realflow.api.registry import EXPERIMENTS
-from realflow.experiments.common import ExperimentConfig, interface_args
+from realflow.experiments.common import ExperimentConfig
 from realflow.experiments.grpo import (
     CriticFreeConfig,
     GRPOHyperparameters,
     actor_gen_node,
     actor_train_node,
+    prox_nodes,
 )
 from realflow.experiments.ppo import INF, ref_node, reward_node
 
@@ -70,7 +71,7 @@ class DAPOConfig(CriticFreeConfig):
 
     def actor_args(self) -> dict[str, Any]:
         """grpo_actor's arguments: the hyperparameters but the sampling loop's own."""
-        args = interface_args(self.dapo)
+        args = super().actor_args()
         for key in ("dynamic_sampling", "max_rounds"):
             del args[key]
         return args
@@ -83,5 +84,6 @@ class DAPOConfig(CriticFreeConfig):
             reward_node(self),
             *([dynamic_sampling_node(self, self.dapo.max_rounds)] if loop else []),
             *([ref_node(self, impl, args)] if kl else []),
+            *prox_nodes(self, impl, args),
             actor_train_node(self, impl, args, kl),
         ]

@@ -17,6 +17,7 @@ from realflow.experiments.grpo import (
     PolicyHyperparameters,
     actor_gen_node,
     actor_train_node,
+    prox_nodes,
 )
 from realflow.experiments.ppo import ref_node, reward_node
 
@@ -54,5 +55,6 @@ class RLOOConfig(CriticFreeConfig):
             actor_gen_node(self, impl, args),
             reward_node(self),
             *([ref_node(self, impl, args)] if kl else []),
+            *prox_nodes(self, impl, args),
             actor_train_node(self, impl, args, kl),
         ]

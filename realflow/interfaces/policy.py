@@ -7,13 +7,18 @@ sample (packed_input_ids, prompt_mask, logprobs with group_size sequences; no_eo
 the reward MFC, rewards with one value per sequence). `generate` also stamps each sample's
 metadata with `policy_version`, the parameter version (train steps taken) of the weights that
 wrote it; the train step reports how far behind the weights it trains those samples were
-(`policy_lag/max`, 0 while generation waits for the previous train step).
+(`staleness/mean` and `staleness/max` over its samples, 0 while generation waits for the
+previous train step; `policy_lag/max` is the older name of the max). Stale samples (asynchronous
+rollouts) are corrected with `correction` (see realflow.algorithms.offpolicy): "decoupled"
+reads `prox_logprobs`, the rollout's log-probs under the weights before this train step.
 
     actor_gen   (generate)   packed_prompts -> packed_input_ids, logprobs, prompt_mask, no_eos_mask
     ref_inf     (inference)  packed_input_ids -> logprobs (remapped to ref_logprobs); only when a
                              KL term needs it
+    actor_prox  (inference)  packed_input_ids -> logprobs (remapped to prox_logprobs); only with
+                             correction="decoupled"
     actor_train (train_step) packed_input_ids, prompt_mask, logprobs, no_eos_mask, rewards
-                             [, dense_rewards] [, ref_logprobs] -> stats
+                             [, dense_rewards] [, ref_logprobs] [, prox_logprobs] -> stats
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 
 from realflow.algorithms import (
+    CORRECTIONS,
     overlong_penalty,
     policy_loss,
     process_scores,
@@ -75,6 +81,8 @@ class PolicyArgs:
     overlong_buffer_len: int = 0  # 0: no overlong shaping
     overlong_penalty_factor: float = 1.0
     early_stop_imp_ratio: float = 0.0
+    correction: str = "none"  # for stale samples: none | decoupled | tis
+    is_cap: float = 0.0  # importance-weight cap of the correction
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -85,6 +93,10 @@ class PolicyArgs:
             )
         if self.eps_clip_high < 0:
             raise ValueError(f"eps_clip_high ({self.eps_clip_high}) must be >= 0 (0: eps_clip)")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(
+                f"correction {self.correction!r} unknown; known: {', '.join(CORRECTIONS)}"
+            )
 
 
 def n_seqs_of(mb: SequenceSample) -> float:
@@ -159,6 +171,13 @@ class CriticFreeActor(ModelInterface):
         }
         if "ref_logprobs" in data.data:  # for the loss term, or (kl_in_loss off) its stat only
             tensors["ref_logprobs"] = data.data["ref_logprobs"].float()
+        if self.args.correction == "decoupled":
+            if "prox_logprobs" not in data.data:
+                raise ValueError(
+                    f"{self.name}: correction 'decoupled' needs prox_logprobs (an actor_prox "
+                    "inference call before actor_train); the graph gave none"
+                )
+            tensors["prox_logprobs"] = data.data["prox_logprobs"].float()
         a = self.args
         skip = early_stop_fn(engine, mb_spec, self.temperature, a.early_stop_imp_ratio, 0.0)
         weight = LOSS_WEIGHTS[a.loss_type]
@@ -166,7 +185,9 @@ class CriticFreeActor(ModelInterface):
             engine, train_sample(data, tensors), a.n_minibatches, mb_spec, self.loss, weight, skip
         )
         if VERSION in data.metadata:
-            stats["policy_lag/max"] = float(model.version - min(data.metadata[VERSION]))
+            lag = [model.version - v for v in data.metadata[VERSION]]
+            stats["staleness/mean"] = sum(lag) / len(lag)
+            stats["staleness/max"] = stats["policy_lag/max"] = float(max(lag))
         return {**stats, **train_stats}
 
     def save(self, model: Model, save_dir: str) -> None:
@@ -188,10 +209,14 @@ class CriticFreeActor(ModelInterface):
             logp_T1, d["old_logprobs"], d["advantages"], d["loss_mask"],
             mb.cu_seqlens(IDS, device), a.eps_clip, a.eps_clip_high or None, a.loss_type,
             self.gconfig.max_new_tokens, d.get("ref_logprobs"), kl_weight,
+            correction=a.correction, prox_logprobs_T1=d.get("prox_logprobs"), is_cap=a.is_cap,
         )  # fmt: skip
         stats = policy_loss_stats(s)
         if s.ref_kl is not None:
             stats["ref_kl"] = float(s.ref_kl)
+        if s.is_weight_mean is not None and s.is_capped_frac is not None:
+            stats["is_weight/mean"] = float(s.is_weight_mean)
+            stats["is_capped_frac"] = float(s.is_capped_frac)
         return loss, stats
 
     def scores(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:

@@ -6,11 +6,19 @@ MFCs still have to read it. An MFC of step t is dispatched when
   - the parameter-version rule allows it: a generate/inference call on model M waits for the
     train_step of M at step t-1; a train_step of M waits for every other call on M at step t
     and for its own step t-1;
-  - its worker (and every worker it fetches from) is idle: each worker runs one call at a time;
+  - a call on a weight copy C of a trained model M (`weight_copies`, e.g. the actor's
+    generation copy on its own worker) waits until the weights sent to C have version
+    >= t-1-k, k = `max_staleness` (k=0: the previous rule, through the copy). After every
+    train_step of M the master fetches M's weights (Kind.GET_WEIGHTS) and queues them on each
+    copy's worker (Kind.SET_WEIGHTS) before any later call there;
+  - its worker is idle: each worker runs one call at a time; so is every worker it fetches
+    from when data moves by explicit sends (mode=ray); in mode=local a consumer reads a busy
+    producer's store by reference;
   - no barrier (a checkpoint or an evaluation) is due before step t;
   - with a sampling loop (a filter MFC, see `FilterLoop`), an MFC outside the loop waits until
     the loop has found the step's `n_seqs` samples.
-Keys are freed on every worker that holds them once their last consumer has finished.
+At most k+2 steps are in flight (k = max_staleness). Keys are freed on every worker that holds
+them once their last consumer has finished.
 
 Sampling loop: the loop's MFCs run on one dataset batch (a round); the filter's result names the
 samples that qualified. Until `n_seqs` have, and for at most `max_rounds` rounds, the master
@@ -96,6 +104,8 @@ class Master:
         mfc_timeout_s: float = 0.0,
         on_call: Callable[[MFCResult], None] | None = None,
         fetch_payload: Callable[[int], Any] | None = None,
+        weight_copies: dict[str, str] | None = None,
+        max_staleness: int = 0,
     ):
         self.dfg = dfg
         self.transport = transport
@@ -109,6 +119,13 @@ class Master:
         self.by_name = {m.name: m for m in self.mfcs}
         self.rank = {m.name: i for i, m in enumerate(self.mfcs)}  # dispatch in DFG order
         self.trainer_of = {m.model_name: m.name for m in self.mfcs if m.is_train}
+        # Weight copies (copy role -> trained role): the version last queued on each copy.
+        self.copies = dict(weight_copies or {})
+        self.copies_of: dict[str, list[str]] = collections.defaultdict(list)
+        for copy, source in sorted(self.copies.items()):
+            self.copies_of[source].append(copy)
+        self.copy_version = {c: 0 for c in self.copies}
+        self.max_staleness = max_staleness
         self.calls_on_model: dict[str, list[str]] = collections.defaultdict(list)
         for m in self.mfcs:
             if not m.is_train:
@@ -157,6 +174,7 @@ class Master:
         counts in the later one."""
         self.last_step = last_step
         self.stopped = False
+        self.copy_version = {c: first_step - 1 for c in self.copies}  # as saved with the step
         next_fetch = first_step
         last_end = time.time()
         while True:
@@ -197,7 +215,7 @@ class Master:
             return False
         if any(not s.resolved for s in self.steps.values()):
             return False  # a sampling loop still reads the dataset: keep its order fixed
-        if self.steps and step > min(self.steps) + 1:  # at most two steps in flight
+        if self.steps and step > min(self.steps) + 1 + self.max_staleness:  # k+2 in flight
             return False
         return self._idle(self.data_worker)
 
@@ -232,10 +250,12 @@ class Master:
                 if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
                 sources = self._sources(mfc, state)
-                if all(self._idle(w) for w in sources):
+                if not self.transport_sends or all(self._idle(w) for w in sources):
                     self._launch(mfc, state, sources)
 
     def _version_allows(self, mfc: MFCDef, state: StepState) -> bool:
+        if mfc.model_name in self.copies:  # weights at most max_staleness steps old
+            return self.copy_version[mfc.model_name] >= state.step - 1 - self.max_staleness
         prev = self.steps.get(state.step - 1)
         trainer = self.trainer_of.get(mfc.model_name)
         if trainer is not None and prev is not None and trainer not in prev.done:
@@ -251,7 +271,11 @@ class Master:
         by_src: dict[int, list[str]] = {}
         for key in mfc.input_keys:
             if dst not in state.holders[key]:
-                by_src.setdefault(min(state.holders[key]), []).append(key)
+                # Read by reference (no sends), the source may be busy: take the producer, whose
+                # copy exists from its result on (another holder's call may not have fetched it
+                # yet). With sends, any holder once idle.
+                src = min(state.holders[key]) if self.transport_sends else state.producer[key]
+                by_src.setdefault(src, []).append(key)
         return by_src
 
     def _launch(self, mfc: MFCDef, state: StepState, sources: dict[int, list[str]]) -> None:
@@ -355,6 +379,17 @@ class Master:
             self._release_inputs(state, mfc)
             if mfc is self.filter:
                 self._after_filter(state, result)
+            if mfc.is_train and self.copies_of.get(mfc.model_name):
+                source = mfc.model_name
+                self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)
+        elif call.kind == Kind.GET_WEIGHTS:
+            version, weights = value
+            assert call.mfc is not None
+            for copy in self.copies_of[self.by_name[call.mfc].model_name]:
+                payload = (copy, version, weights)
+                worker = self.placement[copy]
+                self._submit(worker, Kind.SET_WEIGHTS, payload, call.step, call.mfc, True)
+                self.copy_version[copy] = version  # every later call on the copy reads it
 
     def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
         first = key not in state.meta

@@ -335,6 +335,8 @@ class _Loop:
             data_worker,
             cfg.mfc_timeout_s,
             on_call=lambda r: self.tracer.record(r, dfg.mfc(r.mfc).n_seqs),
+            weight_copies=cfg.weight_copies(),
+            max_staleness=cfg.max_staleness(),
         )
 
     def step_end(self, step: int, stats: dict[str, dict[str, float]], step_s: float) -> None:

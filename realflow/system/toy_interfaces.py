@@ -126,6 +126,8 @@ class ToyConfig(ExperimentConfig):
     n_seqs: int = field_(4, "Samples per step.", gt=0)
     tensorboard: bool = field_(False, "Write tensorboard events.")
     progress_bar: bool = field_(False, "Show a progress bar.")
+    copies: dict[str, str] = field_({}, "Weight copies: copy role -> trained role.")
+    staleness: int = field_(0, "How many train steps a copy's weights may lag.", ge=0)
 
     dataset_type = "prompt"
     dataset_keys: ClassVar[tuple[str, ...]] = ("packed_prompts",)
@@ -135,6 +137,12 @@ class ToyConfig(ExperimentConfig):
             n.model: ModelRole(ModelConfig(path="none", tokenizer_path="builtin"), head="none")
             for n in self.nodes
         }
+
+    def weight_copies(self) -> dict[str, str]:
+        return dict(self.copies)
+
+    def max_staleness(self) -> int:
+        return self.staleness
 
     def mfcs(self) -> list[MFCDef]:
         return [

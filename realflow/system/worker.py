@@ -38,6 +38,8 @@ class Kind(str, enum.Enum):
     LOAD = "load"  # restore engine, interface, RNG and loader state
     SEND = "send"  # ray mode: send tensors to a peer over torch.distributed
     STORE_SIZE = "store_size"  # number of (sample, key) entries held: for tests and leak checks
+    GET_WEIGHTS = "get_weights"  # a copy of a role's weights and their version
+    SET_WEIGHTS = "set_weights"  # load weights (and their version) into a copy role
 
 
 # Released data: a list of (sample ids, keys) to drop from a worker's store.
@@ -118,6 +120,8 @@ class ModelWorker:
             Kind.LOAD: self.load,
             Kind.STORE_SIZE: self.store_size,
             Kind.SEND: self.send,
+            Kind.GET_WEIGHTS: self.get_weights,
+            Kind.SET_WEIGHTS: self.set_weights,
         }
         self.dp_group = None
         self.offloaded: set[str] = set()
@@ -284,6 +288,32 @@ class ModelWorker:
 
     def store_size(self, _: Any = None) -> int:
         return sum(len(held) for held in self.store.values())
+
+    # ---- weight copies ----------------------------------------------------------------------
+
+    def get_weights(self, role: str) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """`(version, weights)` of `role`: a snapshot of its state dict (fp32 masters of a
+        trained role) that later train steps do not change; None for a weightless role."""
+        from realflow.engines.train import clone_state
+
+        model = self.models[role]
+        engine = model.module
+        if engine is None:
+            return model.version, None
+        if hasattr(engine, "module_state_dict"):
+            weights = engine.module_state_dict()
+        else:
+            weights = engine.module.state_dict()
+        return model.version, clone_state(weights)
+
+    def set_weights(self, payload: tuple[str, int, dict[str, torch.Tensor] | None]) -> None:
+        """Load another worker's weights of the role this copy follows; the copy's parameter
+        version becomes theirs."""
+        role, version, weights = payload
+        model = self.models[role]
+        if weights is not None:
+            model.module.module.load_state_dict(weights)
+        model.version = version
 
     # ---- model function calls ---------------------------------------------------------------
 

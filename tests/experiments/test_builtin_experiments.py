@@ -12,6 +12,7 @@ import pytest
 from realflow.api.config import (
     ConfigError,
     apply_overrides,
+    attr_path,
     describe_fields,
     leaf_paths,
     to_dict,
@@ -132,7 +133,8 @@ def test_help_defaults_are_the_experiments_own(exp):
     text = describe_fields(cls)
     instance = cls()
     for path in leaf_paths(cls):
-        value = functools.reduce(getattr, path.split("."), instance)
+        # attr_path: the attribute behind a key that is a Python keyword (async -> async_)
+        value = functools.reduce(getattr, attr_path(cls, path).split("."), instance)
         assert re.search(
             rf"^  {re.escape(path)} \(.+, default {re.escape(repr(value))}\)$", text, re.M
         ), path

@@ -176,6 +176,29 @@ def test_generate_stamps_the_policy_version_and_train_reports_the_lag(tokenizer)
     assert grpo.train_step(actor, out, MB)["policy_lag/max"] == 0.0
     actor.version = 5  # two train steps after the samples were generated
     assert grpo.train_step(actor, out, MB)["policy_lag/max"] == 2.0
+    out.metadata["policy_version"] = [4, 2]  # samples of two versions (asynchronous rollouts)
+    stats = grpo.train_step(actor, out, MB)
+    assert (stats["staleness/mean"], stats["staleness/max"]) == (2.0, 3.0)  # 5 - 4, 5 - 2
+
+
+@pytest.mark.parametrize("correction", ["decoupled", "tis"])
+def test_stale_samples_train_with_the_correction(tokenizer, correction):
+    """A train step on samples from older weights reports the correction's importance weight;
+    decoupled refuses a batch without prox_logprobs (no actor_prox call in the graph)."""
+    grpo = make("grpo_actor", group_size=2, n_minibatches=1, kl_beta=0.0, correction=correction,
+                is_cap=2.0)  # fmt: skip
+    actor = train_model(tokenizer)
+    out = grpo.generate(actor, dataset_batch("prompt", tokenizer, 2), MB)
+    rewards = [[torch.tensor([float(j)]) for j in range(2)] for _ in range(2)]
+    out.update_(SequenceSample.from_sequences(out.ids, {"rewards": rewards}))
+    if correction == "decoupled":
+        with pytest.raises(ValueError, match="needs prox_logprobs"):
+            grpo.train_step(actor, out, MB)
+        out.update_(grpo.inference(actor, out, MB).remap_keys({"logprobs": "prox_logprobs"}))
+    stats = grpo.train_step(actor, out, MB)
+    # The samples are the current weights' own: every importance weight is 1, nothing capped.
+    assert stats["is_weight/mean"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["is_capped_frac"] == 0.0
 
 
 def test_group_filter_keeps_groups_whose_scores_differ():
