@@ -207,7 +207,7 @@ class EngineConfig:
     generate_merged: bool = field_(
         True,
         "a model with adapters generates with them merged into a temporary copy of the adapted "
-        "weights (faster decoding); false: through the adapter layers",
+        "weights (plain nn.Linear decoding); false: through the adapter layers",
     )
     save_merged: bool = field_(
         False, "a model with adapters also saves the merged HF model (under <dir>/merged)"

@@ -90,7 +90,8 @@ class ModelConfig:
     generate_merged: bool = field_(
         True,
         "Roles with adapters: generate with the adapters merged into a temporary copy of the "
-        "adapted weights (faster decoding, docs/tuners.md); false: through the adapter layers.",
+        "adapted weights (plain nn.Linear decoding, docs/tuners.md); false: through the "
+        "adapter layers.",
     )
     base_of: str = field_(
         "",
