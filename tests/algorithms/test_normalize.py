@@ -79,3 +79,14 @@ def test_running_mean_std_normalize_roundtrip_and_resume():
     rms.update(more)
     other.update(more)
     assert other.state_dict() == rms.state_dict()
+
+
+def test_running_mean_std_before_and_after_the_first_update():
+    """Defaults: mean 0 and var 1 (float64) before any update, eps = 1e-5."""
+    rms = RunningMeanStd()
+    x = torch.tensor([0.3, -2.0, 7.0], dtype=torch.float64)
+    want = torch.tensor([v / math.sqrt(1 + 1e-5) for v in x.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(rms.normalize(x), want, rtol=1e-15, atol=0.0)
+    rms.update(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    var = sum((v - 7 / 3) ** 2 for v in (1.0, 2.0, 4.0)) / 3
+    assert float(rms.std) == pytest.approx(math.sqrt(var + 1e-5), rel=1e-12)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -58,6 +59,8 @@ def test_dpo_loss_value_grad_and_stats_match_loop(B, seed, kind, beta):
     assert float(stats.reward_accuracy) == pytest.approx(acc)
     assert float(stats.margin) == pytest.approx(margin)
     assert float(stats.chosen_reward) == pytest.approx(beta * float((pc.detach() - rc).mean()))
+    assert float(stats.rejected_reward) == pytest.approx(beta * float((pr.detach() - rr).mean()))
+    assert float(stats.loss) == float(loss.detach())
 
 
 def test_dpo_hand_value_and_errors():
@@ -69,8 +72,18 @@ def test_dpo_hand_value_and_errors():
     assert float(ipo) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="did you mean 'ipo'"):
         dpo_loss(z, z, z, z, beta=0.1, loss_type="ipp")
+    with pytest.raises(
+        ValueError, match=r"^unknown DPO loss_type 'zzz', known: \['ipo', 'sigmoid'\]$"
+    ):
+        dpo_loss(z, z, z, z, beta=0.1, loss_type="zzz")  # nothing close: no hint
     with pytest.raises(ValueError, match="sigmoid DPO loss only"):
         dpo_loss(z, z, z, z, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+    for beta in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^beta must be > 0, got {beta}$"):
+            dpo_loss(z, z, z, z, beta=beta)
+    for ls in (0.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^label_smoothing must be in \[0, 0.5\), got {ls}$"):
+            dpo_loss(z, z, z, z, beta=0.1, label_smoothing=ls)
 
 
 def test_dpo_from_packed_sequences():
@@ -125,3 +138,14 @@ def test_pairwise_rw_loss_matches_loop(pairs_per_sample, seed, grouped):
 def test_pairwise_rw_loss_bad_groups():
     with pytest.raises(ValueError, match="pairs_per_sample"):
         pairwise_rw_loss(torch.zeros(3), torch.zeros(3), [1, 1])
+
+
+def test_split_interleaved_pairs_needs_even_1d():
+    c, r = split_interleaved_pairs(torch.arange(6.0))
+    assert c.tolist() == [0.0, 2.0, 4.0] and r.tolist() == [1.0, 3.0, 5.0]
+    for shape in ((3,), (2, 2)):
+        with pytest.raises(
+            ValueError,
+            match=rf"^need a 1-D tensor of even length, got shape {re.escape(str(shape))}$",
+        ):
+            split_interleaved_pairs(torch.zeros(shape))
