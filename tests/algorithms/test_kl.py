@@ -30,6 +30,13 @@ def test_kl_estimators_match_formulas():
         )
     with pytest.raises(ValueError, match="did you mean 'k3'"):
         kl_estimate(lp, ref, "k33")
+    with pytest.raises(
+        ValueError, match=r"^unknown KL estimator 'zzz', known: \['k1', 'k2', 'k3'\]$"
+    ):
+        kl_estimate(lp, ref, "zzz")  # nothing close: no hint
+    # The default is k3.
+    want = [math.exp(b - a) - (b - a) - 1 for a, b in zip(lp.tolist(), ref.tolist())]
+    torch.testing.assert_close(kl_estimate(lp, ref), torch.tensor(want, dtype=torch.float64))
 
 
 # Two known categorical distributions: pi (the sampling policy) and ref. KL(pi || ref) and

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realflow.algorithms import RunningMeanStd, masked_mean, masked_var, masked_whiten
+from realflow.algorithms.normalize import first_masked
 
 
 def plain_mean_var(xs: list[float], unbiased: bool) -> tuple[float, float]:
@@ -36,6 +37,9 @@ def test_masked_stats_match_plain(pairs):
     w2 = masked_whiten(x, m, shift_mean=False, eps=1e-8)
     want2 = [(v - mean) / math.sqrt(var + 1e-8) + mean if k else 0.0 for v, k in pairs]
     torch.testing.assert_close(w2, torch.tensor(want2, dtype=torch.float64))
+    w3 = masked_whiten(x, m, unbiased=False, eps=1e-8)
+    want3 = [(v - mean) / math.sqrt(var_b + 1e-8) if k else 0.0 for v, k in pairs]
+    torch.testing.assert_close(w3, torch.tensor(want3, dtype=torch.float64))
 
 
 def test_masked_mean_empty_mask_is_zero_and_differentiable():
@@ -90,3 +94,13 @@ def test_running_mean_std_before_and_after_the_first_update():
     rms.update(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
     var = sum((v - 7 / 3) ** 2 for v in (1.0, 2.0, 4.0)) / 3
     assert float(rms.std) == pytest.approx(math.sqrt(var + 1e-5), rel=1e-12)
+
+
+def test_first_masked():
+    x = torch.tensor([4.0, 5.0, 6.0])
+    assert float(first_masked(x, torch.tensor([False, True, True]))) == 5.0
+    assert float(first_masked(x, torch.tensor([0.0, 0.0, 2.0]))) == 6.0
+    assert float(first_masked(x, torch.zeros(3, dtype=torch.bool))) == 0.0  # none masked in
+    assert float(first_masked(x[:1], torch.tensor([True]))) == 4.0
+    empty = first_masked(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    assert empty.shape == () and float(empty) == 0.0

@@ -103,6 +103,10 @@ def test_should_skip_minibatch():
     k3 = (math.e - 1 - 1) / 2
     assert should_skip_minibatch(stats, max_approx_kl=k3 - 1e-3)
     assert not should_skip_minibatch(stats, max_approx_kl=k3 + 1e-3)
+    # At the threshold exactly nothing is skipped: the rule is "more than".
+    _, still = ppo_actor_loss(old, old, torch.ones(2), mask, 0.2)  # ratio 1, k3 0 exactly
+    assert float(still.ratio_mean) == 1.0 and float(still.approx_kl_k3) == 0.0
+    assert not should_skip_minibatch(still, max_ratio_mean=1.0, max_approx_kl=0.0)
 
 
 @given(packed_batches(max_b=4, max_len=8), st.integers(0, 10_000), st.sampled_from([None, 0.2]))
