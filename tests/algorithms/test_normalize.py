@@ -104,3 +104,11 @@ def test_first_masked():
     assert float(first_masked(x[:1], torch.tensor([True]))) == 4.0
     empty = first_masked(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     assert empty.shape == () and float(empty) == 0.0
+
+
+def test_running_mean_std_keeps_the_dtype_of_x():
+    """normalize/denormalize answer in x's dtype, a 0-dim x included (float64 stats inside)."""
+    rms = RunningMeanStd()
+    rms.update(torch.tensor([1.0, 2.0, 4.0]))
+    for x in (torch.tensor(3.0), torch.tensor([3.0, -1.0]), torch.tensor(3.0).half()):
+        assert rms.normalize(x).dtype == x.dtype and rms.denormalize(x).dtype == x.dtype
