@@ -4,8 +4,12 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (not in pyproject.toml) so this machine takes the CPU wheel on disk.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# make mutate: how many mutants run at once, and which (mutmut name globs; empty = all in
+# [tool.mutmut] only_mutate, e.g. MUTANTS='realflow.algorithms.kl.*').
+MUTATE_CHILDREN ?= 2
+MUTANTS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutate clean
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed just before (an
 # isolated build would not see it, and realflow would fall back to its pure-torch interval ops).
@@ -27,5 +31,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check realflow tests benchmarks experiments
 
+# Mutation testing (not in CI; docs/testing.md): mutate the code, rerun the tests that cover it.
+mutate: install
+	$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache build realflow/parallel/_interval_ops*.so
+	rm -rf $(VENV) runs .pytest_cache build mutants realflow/parallel/_interval_ops*.so

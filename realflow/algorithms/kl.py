@@ -155,7 +155,7 @@ def kl_shaped_rewards(
     with torch.no_grad():
         dtype = torch.promote_types(logprobs_T1.dtype, torch.float32)
         mask = loss_mask_T1.bool()
-        rewards = -kl_coef * (logprobs_T1 - ref_logprobs_T1).to(dtype) * mask
+        rewards = -kl_coef * (logprobs_T1.to(dtype) - ref_logprobs_T1.to(dtype)) * mask
         seg = segment_ids(cu1)
         pos = torch.arange(mask.numel(), device=mask.device)
         last_B = torch.full_like(score_B, -1, dtype=torch.long)

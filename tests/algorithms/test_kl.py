@@ -13,6 +13,7 @@ from realflow.algorithms import (
     kl_estimate,
     kl_shaped_rewards,
     ppo_actor_loss,
+    process_scores,
 )
 
 
@@ -29,6 +30,13 @@ def test_kl_estimators_match_formulas():
         )
     with pytest.raises(ValueError, match="did you mean 'k3'"):
         kl_estimate(lp, ref, "k33")
+    with pytest.raises(
+        ValueError, match=r"^unknown KL estimator 'zzz', known: \['k1', 'k2', 'k3'\]$"
+    ):
+        kl_estimate(lp, ref, "zzz")  # nothing close: no hint
+    # The default is k3.
+    want = [math.exp(b - a) - (b - a) - 1 for a, b in zip(lp.tolist(), ref.tolist())]
+    torch.testing.assert_close(kl_estimate(lp, ref), torch.tensor(want, dtype=torch.float64))
 
 
 # Two known categorical distributions: pi (the sampling policy) and ref. KL(pi || ref) and
@@ -105,6 +113,18 @@ def test_fixed_controller():
     d = FixedKLController(0.0)
     d.load_state_dict(c.state_dict())
     assert d.value == 0.1
+    with pytest.raises(ValueError, match=r"^KL coef must be >= 0, got -0.1$"):
+        FixedKLController(-0.1)
+
+
+def test_adaptive_controller_bounds():
+    """init_coef may be 0 (then it stays 0); init_coef < 0, target <= 0, horizon <= 0 are refused."""
+    c = AdaptiveKLController(0.0, 1.0, 1.0)
+    c.update(5.0, 10)
+    assert c.value == 0.0
+    for bad in ((-0.1, 1.0, 1.0), (0.1, 0.0, 1.0), (0.1, 1.0, 0.0)):
+        with pytest.raises(ValueError, match="need init_coef >= 0, target > 0, horizon > 0"):
+            AdaptiveKLController(*bad)
 
 
 def test_adaptive_controller_follows_ziegler_and_resumes_exactly():
@@ -183,9 +203,52 @@ def test_kl_shaped_rewards_matches_loop(pk: Packed, seed, mask_zero, penalty, cl
     torch.testing.assert_close(got, want)
 
 
+def test_process_scores_defaults_and_clip_bound():
+    """By default the scores pass through unchanged, truncated or not."""
+    score = torch.tensor([1.5, -0.25, 3.0], dtype=torch.float64)
+    no_eos = torch.tensor([False, True, True])
+    assert process_scores(score, no_eos).tolist() == [1.5, -0.25, 3.0]
+    assert process_scores(score, no_eos, reward_clip=0.5).tolist() == [0.5, -0.25, 0.5]
+    # The penalty is applied in the scores' dtype (0.1 is not a float32 number).
+    got = process_scores(score, no_eos, no_eos_penalty=0.1).tolist()
+    assert got == [1.5, -0.25 - 0.1, 3.0 - 0.1]
+    with pytest.raises(ValueError, match="^reward_clip must be > 0, got 0.0$"):
+        process_scores(score, no_eos, reward_clip=0.0)
+
+
+def test_kl_shaped_rewards_defaults():
+    """Defaults: the raw score on the last answer token, truncated sequences not gated."""
+    pk = Packed([4, 3, 5], [2, 1, 3])
+    score = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64)
+    lp, ref = randn(pk.t1, 0), randn(pk.t1, 1)
+    no_eos = torch.tensor([True, False, True])
+    got = kl_shaped_rewards(score, lp, ref, pk.mask(), pk.cu, 0.1, no_eos)
+    want = ref_shaped(pk, score, lp, ref, 0.1, no_eos, 1.0, 0.0, math.inf, False, None)
+    torch.testing.assert_close(got, want)
+
+
+def test_kl_shaped_rewards_of_bf16_inputs_are_float32():
+    """bf16 log-probs and scores (a bf16 model's outputs) are shaped in float32, not bf16."""
+    pk = Packed([4, 3], [2, 1])
+    lp, ref = randn(pk.t1, 3).to(torch.bfloat16), randn(pk.t1, 4).to(torch.bfloat16)
+    score = torch.tensor([1.3, -0.7]).to(torch.bfloat16)
+    no_eos = torch.tensor([False, True])
+    got = kl_shaped_rewards(score, lp, ref, pk.mask(), pk.cu, 0.1, no_eos, reward_scale=3.1)
+    assert got.dtype == torch.float32
+    want = ref_shaped(pk, score.double(), lp.double(), ref.double(), 0.1, no_eos, 3.1, 0.0,
+                      math.inf, False, None)  # fmt: skip
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_kl_shaped_rewards_requires_answer_tokens():
     pk = Packed([3, 3], [1, 1])
     mask = torch.tensor([True, True, False, False])
     z = torch.zeros(4)
     with pytest.raises(ValueError, match="sequence 1 has no answer"):
+        kl_shaped_rewards(torch.zeros(2), z, z, mask, pk.cu, 0.1, torch.zeros(2, dtype=torch.bool))
+    # Sequence 0's last answer token is at position 0; the error still names sequence 1.
+    pk = Packed([2, 3], [1, 1])
+    mask = torch.tensor([True, False, False])
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match="^sequence 1 has no answer"):
         kl_shaped_rewards(torch.zeros(2), z, z, mask, pk.cu, 0.1, torch.zeros(2, dtype=torch.bool))

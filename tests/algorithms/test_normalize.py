@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realflow.algorithms import RunningMeanStd, masked_mean, masked_var, masked_whiten
+from realflow.algorithms.normalize import first_masked
 
 
 def plain_mean_var(xs: list[float], unbiased: bool) -> tuple[float, float]:
@@ -36,6 +37,9 @@ def test_masked_stats_match_plain(pairs):
     w2 = masked_whiten(x, m, shift_mean=False, eps=1e-8)
     want2 = [(v - mean) / math.sqrt(var + 1e-8) + mean if k else 0.0 for v, k in pairs]
     torch.testing.assert_close(w2, torch.tensor(want2, dtype=torch.float64))
+    w3 = masked_whiten(x, m, unbiased=False, eps=1e-8)
+    want3 = [(v - mean) / math.sqrt(var_b + 1e-8) if k else 0.0 for v, k in pairs]
+    torch.testing.assert_close(w3, torch.tensor(want3, dtype=torch.float64))
 
 
 def test_masked_mean_empty_mask_is_zero_and_differentiable():
@@ -79,3 +83,32 @@ def test_running_mean_std_normalize_roundtrip_and_resume():
     rms.update(more)
     other.update(more)
     assert other.state_dict() == rms.state_dict()
+
+
+def test_running_mean_std_before_and_after_the_first_update():
+    """Defaults: mean 0 and var 1 (float64) before any update, eps = 1e-5."""
+    rms = RunningMeanStd()
+    x = torch.tensor([0.3, -2.0, 7.0], dtype=torch.float64)
+    want = torch.tensor([v / math.sqrt(1 + 1e-5) for v in x.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(rms.normalize(x), want, rtol=1e-15, atol=0.0)
+    rms.update(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    var = sum((v - 7 / 3) ** 2 for v in (1.0, 2.0, 4.0)) / 3
+    assert float(rms.std) == pytest.approx(math.sqrt(var + 1e-5), rel=1e-12)
+
+
+def test_first_masked():
+    x = torch.tensor([4.0, 5.0, 6.0])
+    assert float(first_masked(x, torch.tensor([False, True, True]))) == 5.0
+    assert float(first_masked(x, torch.tensor([0.0, 0.0, 2.0]))) == 6.0
+    assert float(first_masked(x, torch.zeros(3, dtype=torch.bool))) == 0.0  # none masked in
+    assert float(first_masked(x[:1], torch.tensor([True]))) == 4.0
+    empty = first_masked(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    assert empty.shape == () and float(empty) == 0.0
+
+
+def test_running_mean_std_keeps_the_dtype_of_x():
+    """normalize/denormalize answer in x's dtype, a 0-dim x included (float64 stats inside)."""
+    rms = RunningMeanStd()
+    rms.update(torch.tensor([1.0, 2.0, 4.0]))
+    for x in (torch.tensor(3.0), torch.tensor([3.0, -1.0]), torch.tensor(3.0).half()):
+        assert rms.normalize(x).dtype == x.dtype and rms.denormalize(x).dtype == x.dtype

@@ -52,6 +52,11 @@ def test_build_answer_mask_rejects_bad_prompt():
         build_answer_mask([0], [3])
     with pytest.raises(ValueError, match="1 <= prompt_len <= seqlen"):
         build_answer_mask([4], [3])
+    shapes = r"prompt_lens_B \(2,\) and seqlens_B \(1,\) must be 1-D and equal"
+    with pytest.raises(ValueError, match=shapes):
+        build_answer_mask([1, 2], [3])
+    with pytest.raises(ValueError, match="must be 1-D"):
+        build_answer_mask([[1, 2]], [[3, 3]])
 
 
 @given(packed_batches(max_b=4, max_len=7))

@@ -104,11 +104,18 @@ def test_overlong_penalty_matches_the_paper(l_max, l_cache):
     assert float(got[l_max]) == pytest.approx(-0.5)  # the longest answer the generator allows
 
 
-def test_overlong_penalty_rejects_a_bad_buffer():
+def test_overlong_penalty_default_factor_is_one():
+    lens = torch.arange(0, 20)
+    want = [ref_overlong(int(n), 16, 4) for n in lens]
+    torch.testing.assert_close(overlong_penalty(lens, 16, 4), torch.tensor(want))
+
+
+@pytest.mark.parametrize("buffer_len", [20, 0])
+def test_overlong_penalty_rejects_a_bad_buffer(buffer_len):
     with pytest.raises(
-        ValueError, match=r"buffer_len \(20\) must be in 1..max_answer_tokens \(16\)"
+        ValueError, match=rf"buffer_len \({buffer_len}\) must be in 1..max_answer_tokens \(16\)"
     ):
-        overlong_penalty(torch.tensor([3]), 16, 20)
+        overlong_penalty(torch.tensor([3]), 16, buffer_len)
 
 
 @given(

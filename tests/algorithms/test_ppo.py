@@ -103,6 +103,10 @@ def test_should_skip_minibatch():
     k3 = (math.e - 1 - 1) / 2
     assert should_skip_minibatch(stats, max_approx_kl=k3 - 1e-3)
     assert not should_skip_minibatch(stats, max_approx_kl=k3 + 1e-3)
+    # At the threshold exactly nothing is skipped: the rule is "more than".
+    _, still = ppo_actor_loss(old, old, torch.ones(2), mask, 0.2)  # ratio 1, k3 0 exactly
+    assert float(still.ratio_mean) == 1.0 and float(still.approx_kl_k3) == 0.0
+    assert not should_skip_minibatch(still, max_ratio_mean=1.0, max_approx_kl=0.0)
 
 
 @given(packed_batches(max_b=4, max_len=8), st.integers(0, 10_000), st.sampled_from([None, 0.2]))
@@ -135,12 +139,15 @@ def test_ppo_critic_loss_matches_loop(pk: Packed, seed: int, clip):
     assert float(stats.clip_frac) == pytest.approx(n_clip / len(terms))
 
 
-def ref_group_adv(scores: list[float], sizes: list[int], scale: bool, eps: float) -> list[float]:
+def ref_group_adv(
+    scores: list[float], sizes: list[int], scale: bool, eps: float, unbiased: bool = True
+) -> list[float]:
     out, s = [], 0
     for n in sizes:
         g = scores[s : s + n]
         mean = sum(g) / n
-        std = math.sqrt(sum((x - mean) ** 2 for x in g) / (n - 1)) if n > 1 else 0.0
+        ss = sum((x - mean) ** 2 for x in g)
+        std = math.sqrt(ss / (n - 1 if unbiased else n)) if n > 1 else 0.0
         out += [(x - mean) / (std + eps) if scale else x - mean for x in g]
         s += n
     return out
@@ -155,9 +162,29 @@ def test_group_normalized_advantages_match_loop(sizes, seed, scale):
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
 
 
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=5), st.integers(0, 1000))
+@settings(max_examples=20, deadline=None)
+def test_group_normalized_advantages_population_std(sizes, seed):
+    scores = randn(sum(sizes), seed)
+    got = group_normalized_advantages(scores, sizes, eps=1e-6, unbiased=False)
+    want = ref_group_adv(scores.tolist(), sizes, True, 1e-6, unbiased=False)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
+def test_group_normalized_advantages_defaults():
+    """Defaults: scaled by the unbiased std plus eps = 1e-6 (a group of spread ~1e-6 shows eps)."""
+    scores = torch.tensor([0.0, 2e-6, 1.0, 3.0, 8.0], dtype=torch.float64)
+    want = ref_group_adv(scores.tolist(), [2, 3], True, 1e-6)
+    torch.testing.assert_close(
+        group_normalized_advantages(scores, [2, 3]), torch.tensor(want, dtype=torch.float64)
+    )
+
+
 def test_group_normalized_advantages_rejects_bad_sizes():
     with pytest.raises(ValueError, match="sum to len"):
         group_normalized_advantages(torch.zeros(4), [2, 1])
+    with pytest.raises(ValueError, match="must be >= 1"):  # sums to 4, but a group is empty
+        group_normalized_advantages(torch.zeros(4), [2, 0, 2])
 
 
 @given(

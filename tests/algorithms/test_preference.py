@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -58,6 +59,8 @@ def test_dpo_loss_value_grad_and_stats_match_loop(B, seed, kind, beta):
     assert float(stats.reward_accuracy) == pytest.approx(acc)
     assert float(stats.margin) == pytest.approx(margin)
     assert float(stats.chosen_reward) == pytest.approx(beta * float((pc.detach() - rc).mean()))
+    assert float(stats.rejected_reward) == pytest.approx(beta * float((pr.detach() - rr).mean()))
+    assert float(stats.loss) == float(loss.detach())
 
 
 def test_dpo_hand_value_and_errors():
@@ -65,12 +68,23 @@ def test_dpo_hand_value_and_errors():
     loss, stats = dpo_loss(torch.tensor([1.0]), z, z, z, beta=1.0)
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-1.0)))
     assert float(stats.reward_accuracy) == 1.0
-    ipo, _ = dpo_loss(z, z, z, z, beta=0.25, loss_type="ipo")
+    ipo, stats = dpo_loss(z, z, z, z, beta=0.25, loss_type="ipo")
     assert float(ipo) == pytest.approx(4.0)
+    assert float(stats.reward_accuracy) == 0.0  # a tie is not a win
     with pytest.raises(ValueError, match="did you mean 'ipo'"):
         dpo_loss(z, z, z, z, beta=0.1, loss_type="ipp")
+    with pytest.raises(
+        ValueError, match=r"^unknown DPO loss_type 'zzz', known: \['ipo', 'sigmoid'\]$"
+    ):
+        dpo_loss(z, z, z, z, beta=0.1, loss_type="zzz")  # nothing close: no hint
     with pytest.raises(ValueError, match="sigmoid DPO loss only"):
         dpo_loss(z, z, z, z, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+    for beta in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^beta must be > 0, got {beta}$"):
+            dpo_loss(z, z, z, z, beta=beta)
+    for ls in (0.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^label_smoothing must be in \[0, 0.5\), got {ls}$"):
+            dpo_loss(z, z, z, z, beta=0.1, label_smoothing=ls)
 
 
 def test_dpo_from_packed_sequences():
@@ -120,8 +134,31 @@ def test_pairwise_rw_loss_matches_loop(pairs_per_sample, seed, grouped):
     torch.testing.assert_close(c.grad, c2.grad)
     acc = sum(float(c[i].detach()) > float(r[i]) for i in range(P)) / P
     assert float(stats.accuracy) == pytest.approx(acc)
+    assert float(stats.loss) == float(loss.detach())
+    cs, rs = c.detach().tolist(), r.tolist()
+    assert float(stats.margin) == pytest.approx(sum(a - b for a, b in zip(cs, rs)) / P)
+    assert float(stats.chosen_score) == pytest.approx(sum(cs) / P)
+    assert float(stats.rejected_score) == pytest.approx(sum(rs) / P)
+
+
+def test_pairwise_rw_accuracy_counts_strict_wins():
+    _, stats = pairwise_rw_loss(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([1.0, 1.0, 2.0]))
+    assert float(stats.accuracy) == pytest.approx(1 / 3)  # the tie is not a win
 
 
 def test_pairwise_rw_loss_bad_groups():
     with pytest.raises(ValueError, match="pairs_per_sample"):
         pairwise_rw_loss(torch.zeros(3), torch.zeros(3), [1, 1])
+    with pytest.raises(ValueError, match="pairs_per_sample must be >= 1"):
+        pairwise_rw_loss(torch.zeros(3), torch.zeros(3), [2, 0, 1])  # sums to 3, one is empty
+
+
+def test_split_interleaved_pairs_needs_even_1d():
+    c, r = split_interleaved_pairs(torch.arange(6.0))
+    assert c.tolist() == [0.0, 2.0, 4.0] and r.tolist() == [1.0, 3.0, 5.0]
+    for shape in ((3,), (2, 2)):
+        with pytest.raises(
+            ValueError,
+            match=rf"^need a 1-D tensor of even length, got shape {re.escape(str(shape))}$",
+        ):
+            split_interleaved_pairs(torch.zeros(shape))
