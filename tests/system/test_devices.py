@@ -106,18 +106,21 @@ def test_cuda_without_a_gpu_is_refused_before_any_worker(tmp_path, monkeypatch):
     assert runner.run_experiment("dpo", _dpo(tmp_path, device="cuda", overwrite=True)) == 2
 
 
-@pytest.mark.skipif(not NO_GPU, reason="device=auto means cuda on a GPU machine")
-def test_cpu_run_logs_each_role_on_cpu(tmp_path, caplog):
+@pytest.mark.parametrize("device", ["auto", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_run_logs_the_device_of_each_role(tmp_path, caplog, device):
+    """One DPO step with actor and ref on two workers; the log says where each role is (auto:
+    cpu on a machine without a GPU, as in CI; worker i on cuda:(i % GPUs) on one with GPUs)."""
     with caplog.at_level(logging.INFO, logger="realflow.system"):
-        rows = runner.run("dpo", _dpo(tmp_path, allocation={"actor": 0, "ref": 1})).rows
+        cfg = _dpo(tmp_path, device=device, allocation={"actor": 0, "ref": 1})
+        rows = runner.run("dpo", cfg).rows
     messages = [r.getMessage() for r in caplog.records]
-    assert len(rows) == 1
-    assert "worker 0 on cpu: actor" in messages
-    assert "worker 1 on cpu: ref" in messages
-    assert any(
-        m.startswith("built actor (builtin:tiny") and m.endswith(" on cpu") for m in messages
-    )
-    assert any(m.startswith("built ref (builtin:tiny") and m.endswith(" on cpu") for m in messages)
+    n_gpus = torch.cuda.device_count()
+    want = ["cpu", "cpu"] if NO_GPU else [f"cuda:{i % n_gpus}" for i in range(2)]
+    assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
+    for worker, role in enumerate(("actor", "ref")):
+        assert f"worker {worker} on {want[worker]}: {role}" in messages
+        built = f"built {role} (builtin:tiny"
+        assert any(m.startswith(built) and m.endswith(f" on {want[worker]}") for m in messages)
 
 
 def _set_up_workers(cfg: DPOConfig) -> transport.LocalTransport:
