@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean gpu-wheels
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed just before (an
 # isolated build would not see it, and realflow would fall back to its pure-torch interval ops).
@@ -26,6 +26,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check realflow tests benchmarks experiments
+
+# Wheels that benchmarks/gpu/run.sh installs on a GPU machine without an index (it has torch and
+# transformers but no omegaconf); carry benchmarks/gpu/wheels there with the repository.
+gpu-wheels:
+	python3 -m pip wheel --no-deps -w benchmarks/gpu/wheels omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build realflow/parallel/_interval_ops*.so
