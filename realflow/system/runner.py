@@ -104,7 +104,8 @@ def resume_config(cfg: ExperimentConfig, ckpt: str) -> ExperimentConfig:
 
 def run_experiment(name: str, cfg: ExperimentConfig) -> int:
     """The CLI's entry: run with SIGINT/SIGTERM handled, print how it ended. Exit codes: 0 done,
-    1 a failed run, 2 a refused run directory or an impossible device, 128 + signal number when stopped by a signal."""
+    1 a failed run, 2 a refused run directory or an impossible device (cuda without a GPU),
+    128 + signal number when stopped by a signal."""
     stop = StopRequest()
     try:
         with stop.on_signals():
