@@ -187,7 +187,7 @@ def parse_override(item: str) -> tuple[str, str]:
 def apply_overrides(cls: type, overrides: Sequence[str] = (), presets: Sequence[str] = ()) -> Any:
     """Build `cls` from its defaults, then YAML `presets` in order, then `overrides`
     ("a.b=value"; later wins). Raises ConfigError listing every problem."""
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     conf = OmegaConf.structured(cls)
     valid = leaf_paths(cls)
@@ -223,7 +223,10 @@ def apply_overrides(cls: type, overrides: Sequence[str] = (), presets: Sequence[
         problem = _check_key(cls, key, valid)
         if problem is None:
             try:
-                OmegaConf.update(conf, key, value, merge=False)
+                # A list replaces the old one either way; merging converts its dict items into
+                # the dataclass a typed list holds (checking their keys and types).
+                is_list = isinstance(value, (list, ListConfig))
+                OmegaConf.update(conf, key, value, merge=is_list)
             except Exception as e:
                 problem = _omegaconf_problem(e, key, value)
         if problem:

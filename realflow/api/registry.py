@@ -176,6 +176,31 @@ CALLBACKS: Registry[Any] = Registry(
     builtin_names=("early_stopping", "target_metric"),
 )
 
+# Optimizer factories `(param_groups, lr=..., **kwargs) -> torch.optim.Optimizer` (any
+# torch.optim.Optimizer subclass is one), named by `<role>.optimizer.name`
+# (see realflow/engines/optimizers.py).
+OPTIMIZERS: Registry[Any] = Registry(
+    "optimizer",
+    ("realflow.engines.optimizers",),
+    builtin_names=(
+        "adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "asgd", "nadam",
+        "radam", "rmsprop", "rprop", "sgd",
+    ),
+)  # fmt: skip
+# LR multipliers after warmup `fn(progress, min_lr_ratio, **args) -> float`, progress in [0, 1],
+# named by `<role>.optimizer.lr_scheduler_type` (see realflow/engines/schedule.py).
+LR_SCHEDULES: Registry[Any] = Registry(
+    "LR schedule",
+    ("realflow.engines.schedule",),
+    builtin_names=("constant", "cosine", "linear"),
+)
+# Tuner builders `fn(target_modules: list[str], args: dict) -> peft.PeftConfig`, named by
+# `<role>.peft.method` (see realflow/engines/tuners.py).
+TUNERS: Registry[Any] = Registry(
+    "tuner",
+    ("realflow.engines.tuners",),
+    builtin_names=("boft", "dora", "hra", "ia3", "loha", "lokr", "lora", "oft"),
+)
 # Losses, by the interface that calls them; each interface documents the signature (see
 # realflow.interfaces.losses). Loss scales weigh the tokens of a sample (realflow.data.loss_scale).
 _LOSS_MODULES = ("realflow.interfaces.losses",)

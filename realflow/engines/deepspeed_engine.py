@@ -1,4 +1,5 @@
-"""The deepspeed backend of TrainEngine: ZeRO stages 0-3 with a torch AdamW client optimizer.
+"""The deepspeed backend of TrainEngine: ZeRO stages 0-3 with a torch client optimizer
+(AdamW by default; see realflow/engines/optimizers.py).
 
 Imported only when `EngineConfig.backend == "deepspeed"`; `import realflow.engines` never
 imports deepspeed.
@@ -62,7 +63,8 @@ import torch.distributed as dist
 from torch import nn
 
 from realflow.engines.config import EngineConfig, OptimizerConfig
-from realflow.engines.train import EngineError, make_adamw
+from realflow.engines.optimizers import make_optimizer, set_lr_factor
+from realflow.engines.train import EngineError, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimizerConfig) -> di
 
 
 class DeepSpeedBackend:
-    """deepspeed.initialize around `module` with a torch AdamW client optimizer."""
+    """deepspeed.initialize around `module` with a torch client optimizer."""
 
     name = "deepspeed"
 
@@ -190,7 +192,7 @@ class DeepSpeedBackend:
         self.bf16 = engine_cfg.bf16
         self._grad_norm: float | None = None
         config = deepspeed_config(engine_cfg, optim_cfg)
-        client_optimizer = make_adamw(module, optim_cfg)
+        client_optimizer = make_optimizer(module, optim_cfg)
         if self.stage == 0 and not engine_cfg.bf16:
             # deepspeed then steps the client optimizer directly and keeps no grad norm: clip in
             # a pre-step hook instead, which runs after deepspeed's dp all-reduce.
@@ -248,9 +250,8 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, lr_factor: float) -> float:
+        set_lr_factor(self.optimizer, lr_factor)
         self._grad_norm = None
         self.engine.step()
         norm = (
@@ -325,7 +326,7 @@ class DeepSpeedBackend:
     def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         if self.masters_in_state:
             raise EngineError("deepspeed's optimizer state holds the master weights")
-        self.module.load_state_dict(weights)
+        load_weights(self.module, weights)
 
 
 def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:

@@ -43,7 +43,8 @@ from torch import nn
 from realflow.api.data import SequenceSample
 from realflow.engines.config import EngineConfig, OptimizerConfig
 from realflow.engines.offload import Offloader, move_train_state
-from realflow.engines.schedule import lr_at
+from realflow.engines.optimizers import make_optimizer, set_lr_factor
+from realflow.engines.schedule import lr_at, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def parameter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of the module's floating parameters (float32 when it has none); a module whose
-    parameters have several floating dtypes is an error."""
-    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+def parameter_dtype(module: nn.Module, params: list[nn.Parameter] | None = None) -> torch.dtype:
+    """The dtype of the module's floating parameters (or of `params`; float32 when there are
+    none); parameters of several floating dtypes are an error."""
+    params = list(module.parameters()) if params is None else params
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
     if len(dtypes) > 1:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise EngineError(
@@ -79,16 +81,29 @@ def parameter_dtype(module: nn.Module) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
+def arrived_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the module's weights arrived in: that of its frozen parameters when it has
+    some (the base weights under adapters), else that of all of them."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    return parameter_dtype(module, frozen or None)
+
+
 def upcast_to_fp32(module: nn.Module) -> torch.dtype:
-    """Make the floating parameters fp32 in place (exact from bf16/fp16) and return the dtype
-    they had. Buffers are left as they are."""
-    dtype = parameter_dtype(module)
-    if dtype != torch.float32:
-        for p in module.parameters():
-            if p.is_floating_point():
-                p.data = p.data.float()
+    """Make the floating trainable parameters fp32 in place (exact from bf16/fp16) and return
+    the dtype the weights arrived in (`arrived_dtype`). Frozen parameters (base weights under
+    adapters) and buffers are left as they are."""
+    dtype = arrived_dtype(module)
+    upcast = 0
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            upcast += 1
+    if upcast:
         logger.info(
-            "upcast %s weights from %s to fp32 master weights", type(module).__name__, dtype
+            "upcast %d trainable %s parameters from %s to fp32 master weights",
+            upcast,
+            type(module).__name__,
+            dtype,
         )
     return dtype
 
@@ -108,27 +123,6 @@ def dp_world(dp_group: Any) -> tuple[bool, int]:
     return size > 1, size
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (ndim >= 2), none on biases and norm weights."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def make_adamw(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """The AdamW every backend uses (deepspeed gets it as a client optimizer)."""
-    return torch.optim.AdamW(
-        param_groups(module, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-    )
-
-
 def clone_state(obj: Any) -> Any:
     """A copy of a (nested dict / list / tuple) state whose tensors are detached clones."""
     if isinstance(obj, torch.Tensor):
@@ -138,6 +132,29 @@ def clone_state(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(clone_state(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+def trainable_state_dict(module: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The entries of the module state dict `full` that are trainable parameters."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in full.items() if k in names}
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the module in place: all of its state, or exactly its trainable
+    parameters when it has frozen ones (the base weights under adapters are rebuilt from their
+    checkpoint, not saved in the engine state)."""
+    if not any(not p.requires_grad for p in module.parameters()):
+        module.load_state_dict(weights)
+        return
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise EngineError(
+            f"weights to load hold {len(weights)} entries, the module has {len(trainable)} "
+            f"trainable parameters: missing {sorted(trainable - set(weights))[:5]}, "
+            f"unexpected {sorted(set(weights) - trainable)[:5]}"
+        )
+    module.load_state_dict(weights, strict=False)
 
 
 def _weighted_mean(values: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
@@ -169,8 +186,9 @@ class Backend(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float) -> float:
-        """Apply the accumulated gradients at `lr`, zero them, return the pre-clip grad norm."""
+    def step(self, lr_factor: float) -> float:
+        """Apply the accumulated gradients with every param group at its peak LR times
+        `lr_factor`, zero them, return the pre-clip grad norm."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -182,7 +200,8 @@ class Backend(Protocol):
         ...
 
     def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set the master weights (backends with `masters_in_state` False)."""
+        """Set the master weights (backends with `masters_in_state` False): all of them, or
+        only the trainable ones of a module with frozen parameters."""
         ...
 
     def move(self, device: torch.device) -> None:
@@ -191,7 +210,8 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Plain torch: AdamW, `clip_grad_norm_`, bf16 autocast, a manual dp gradient average."""
+    """Plain torch: the configured optimizer (AdamW by default), `clip_grad_norm_`, bf16
+    autocast, a manual dp gradient average."""
 
     name = "torch"
     collective_backward = False  # gradients are averaged once, in step()
@@ -209,7 +229,7 @@ class TorchBackend:
         self.bf16 = engine_cfg.bf16
         self.clip = optim_cfg.gradient_clipping
         self.dp_group = dp_group
-        self.optimizer = make_adamw(module, optim_cfg)
+        self.optimizer = make_optimizer(module, optim_cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -218,10 +238,9 @@ class TorchBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float) -> float:
+    def step(self, lr_factor: float) -> float:
         self._average_gradients()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr_factor(self.optimizer, lr_factor)
         max_norm = self.clip if self.clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
@@ -253,7 +272,7 @@ class TorchBackend:
         return self.module.state_dict()
 
     def load_module_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(weights)  # copies in place: the optimizer keeps its params
+        load_weights(self.module, weights)  # copies in place: the optimizer keeps its params
 
     def move(self, device: torch.device) -> None:
         move_train_state(self.module, self.optimizer, device)
@@ -302,9 +321,17 @@ class TrainEngine:
         return self.loaded_dtype if name == "auto" else getattr(torch, name)
 
     @property
+    def frozen(self) -> bool:
+        """Whether part of the module is frozen (adapters: only they are trained)."""
+        return any(not p.requires_grad for p in self.module.parameters())
+
+    @property
     def _state_holds_weights(self) -> bool:
-        """Whether state_dict() must carry the masters: the saved weights cannot restore them."""
-        return self.save_dtype != torch.float32 and not self.backend.masters_in_state
+        """Whether state_dict() must carry the masters: the saved weights cannot restore them
+        (a lower save dtype, or adapters, whose role is rebuilt from its base checkpoint)."""
+        if self.backend.masters_in_state:
+            return False
+        return self.save_dtype != torch.float32 or self.frozen
 
     @property
     def lr(self) -> float:
@@ -344,7 +371,7 @@ class TrainEngine:
                 losses.append({"loss": float(loss.detach())})
                 all_stats.append(stats)
         lr = self.lr
-        grad_norm = self.backend.step(lr)
+        grad_norm = self.backend.step(lr_factor(self.optim_cfg, self.step, self.total_train_steps))
         self.step += 1
         out = _weighted_mean(all_stats, weights)
         out.update(_weighted_mean(losses, weights))
@@ -376,6 +403,19 @@ class TrainEngine:
         with _eval_mode(self.module), torch.no_grad(), self.backend.autocast():
             return fn(self.backend.call_module)
 
+    def forward_generate(self, fn: Callable[[nn.Module], T]) -> T:
+        """`fn(module)` for generation: `forward_no_grad` on the unwrapped module, whose adapters
+        (if any) are merged into a temporary copy of the weights when `generate_merged`."""
+        if not (self.engine_cfg.generate_merged and _has_adapters(self.module)):
+            return self.forward_no_grad(lambda _m: fn(self.module))
+        from realflow.engines.tuners import merged_adapters
+
+        def run(_m: nn.Module) -> T:
+            with merged_adapters(self.module) as merged:
+                return fn(merged)
+
+        return self.forward_no_grad(run)
+
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state, LR schedule position and step counter, for exact resume.
 
@@ -392,7 +432,8 @@ class TrainEngine:
             "backend_state": self.backend.state_dict(),
         }
         if self._state_holds_weights:
-            state["weights"] = self.module_state_dict()
+            full = self.module_state_dict()
+            state["weights"] = trainable_state_dict(self.module, full) if self.frozen else full
         return clone_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -462,6 +503,10 @@ class InferenceEngine:
             with autocast(self.device, self.engine_cfg.bf16):
                 return fn(self.module)
 
+    def forward_generate(self, fn: Callable[[nn.Module], T]) -> T:
+        """`fn(module)` for generation (the same as `forward_no_grad` here)."""
+        return self.forward_no_grad(fn)
+
     def offload(self) -> None:
         """Move the weights to CPU until the next call (on CPU nothing moves: logged once)."""
         self._offloader.offload()
@@ -469,6 +514,10 @@ class InferenceEngine:
     def onload(self) -> None:
         """Move offloaded weights back to the module's device."""
         self._offloader.onload()
+
+
+def _has_adapters(module: nn.Module) -> bool:
+    return hasattr(module, "peft_config")  # realflow.engines.tuners.has_adapters, no import
 
 
 @contextlib.contextmanager

@@ -20,7 +20,16 @@ from realflow.api.dfg import (
     MicroBatchSpec,
     build_dfg,
 )
-from realflow.engines.config import SAVE_DTYPES, EngineConfig, OptimizerConfig
+from realflow.engines.config import (
+    SAVE_DTYPES,
+    AdapterSpec,
+    EngineConfig,
+    LoraSettings,
+    OptimizerConfig,
+    PeftSettings,
+    adapter_problems,
+    adapter_spec,
+)
 
 
 @dataclasses.dataclass
@@ -71,6 +80,25 @@ class ModelConfig:
         choices=SAVE_DTYPES,
     )
 
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    peft: PeftSettings = dataclasses.field(default_factory=PeftSettings)
+    save_merged: bool = field_(
+        False,
+        "Roles with adapters (lora/peft): also save the merged HF model under "
+        "<checkpoint>/<role>/merged (the adapter itself is always saved).",
+    )
+    generate_merged: bool = field_(
+        True,
+        "Roles with adapters: generate with the adapters merged into a temporary copy of the "
+        "adapted weights (faster decoding, docs/tuners.md); false: through the adapter layers.",
+    )
+    base_of: str = field_(
+        "",
+        "Run this role as another role's base weights with its adapters disabled (e.g. "
+        "ref.base_of=actor for an actor with lora.rank > 0): no second copy of the weights; "
+        "both roles go on one worker.",
+    )
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             backend=self.backend,
@@ -78,11 +106,28 @@ class ModelConfig:
             bf16=self.bf16,
             offload=self.offload,
             save_dtype=self.save_dtype,
+            generate_merged=self.generate_merged,
+            save_merged=self.save_merged,
         )
+
+    def adapters(self) -> AdapterSpec | None:
+        """The adapters this role trains (None: all its weights)."""
+        return adapter_spec(self.lora, self.peft)
 
     def validate(self) -> list[str]:
         # Checked for every role: a role never trained does not use the backend.
-        return self.engine_config().train_problems()
+        problems = self.engine_config().train_problems() + adapter_problems(self.lora, self.peft)
+        if self.base_of and self.adapters() is not None:
+            problems.append(
+                f"base_of ({self.base_of!r}) runs this role on {self.base_of}'s base weights; "
+                "it cannot have adapters of its own (lora.rank / peft.method)"
+            )
+        if self.base_of and self.offload:
+            problems.append(
+                f"offload: a role with base_of ({self.base_of!r}) uses {self.base_of}'s engine; "
+                f"set {self.base_of}.offload instead"
+            )
+        return problems
 
 
 # A role path that means "the actor's model" (see ModelConfig.path and with_role_defaults).
@@ -362,6 +407,65 @@ class ExperimentConfig:
             ]
         return []
 
+    def _base_of_problems(self) -> list[str]:
+        """`<role>.base_of=<owner>`: the owner is a trained role with adapters, computing in the
+        same precision, and (with an explicit allocation) on the same worker."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        sharing = {
+            name: getattr(self, name)
+            for name in fields
+            if isinstance(getattr(self, name), ModelConfig) and getattr(self, name).base_of
+        }
+        if not sharing:
+            return []
+        roles = self.roles()
+        trained = {m.model_name for m in self.mfcs() if m.is_train}
+        problems = []
+        for name, cfg in sharing.items():
+            owner = cfg.base_of
+            where = f"{name}.base_of ({owner!r})"
+            if name not in roles:
+                problems.append(
+                    f"{where}: this run has no role {name} (roles: {', '.join(roles)}; e.g. "
+                    "kl_beta=0 drops ref); leave base_of empty"
+                )
+                continue
+            if owner not in roles or owner == name:
+                problems.append(f"{where}: not another role; roles are {', '.join(roles)}")
+                continue
+            own = roles[owner].config
+            if owner not in trained or own.adapters() is None:
+                problems.append(
+                    f"{where}: {owner} must be trained with adapters (set {owner}.lora.rank > 0 "
+                    f"or {owner}.peft.method) for its base weights to stay fixed"
+                )
+            elif own.adapters().args.get("bias", "none") != "none":
+                problems.append(
+                    f"{where}: {owner}'s adapters train biases ({owner}.lora.bias="
+                    f"{own.adapters().args['bias']!r}), which are base weights; use bias none"
+                )
+            if roles[name].head != roles[owner].head:
+                heads = f"{name} has head {roles[name].head}, {owner} {roles[owner].head}"
+                problems.append(f"{where}: {heads}")
+            if cfg.bf16 != own.bf16:
+                problems.append(
+                    f"{where}: {name}.bf16 ({cfg.bf16}) must equal {owner}.bf16 ({own.bf16}): "
+                    f"{name} computes with {owner}'s engine"
+                )
+            default_path = getattr(type(self)(), name).path
+            if cfg.path != own.path and cfg.path != default_path:
+                problems.append(
+                    f"{where}: {name}.path ({cfg.path}) must equal {owner}.path ({own.path}): "
+                    f"{name} is {owner}'s base weights"
+                )
+            a = self.allocation
+            if a and name in a and owner in a and a[name] != a[owner]:
+                problems.append(
+                    f"{where}: allocation puts {name} on worker {a[name]} and {owner} on "
+                    f"{a[owner]}; they share weights, so give them one worker"
+                )
+        return problems
+
     def mb_spec(self, role: str) -> MicroBatchSpec:
         return MicroBatchSpec(
             n_mbs=1, max_tokens_per_mb=self.roles()[role].config.max_tokens_per_mb
@@ -412,6 +516,7 @@ class ExperimentConfig:
                 f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "
                 "resume; set one of them"
             )
+        problems += self._base_of_problems()
         if not self.allocation:
             return problems
         roles = self.roles()  # only when needed: roles() may look up scorers (imports torch)

@@ -4,8 +4,9 @@ decoding, output samples and minibatch training.
 Conventions (see the key table in realflow.api.data):
 
 - `model.module` is an engine (realflow.engines): a `TrainEngine` for trained roles, an
-  `InferenceEngine` otherwise. Both have `.module` (the `PackedTransformer`), `.device` and
-  `forward_no_grad(fn)`; a `TrainEngine` also has `train_batch`.
+  `InferenceEngine` otherwise (or a `BaseWeightsEngine`: another role's base weights). All
+  have `.module` (the `PackedTransformer`), `.device`, `forward_no_grad(fn)` and
+  `forward_generate(fn)` (generation: adapters merged); a `TrainEngine` also has `train_batch`.
 - Per-token log-probs live in the shifted space (L-1 entries per sequence, "T1"); the answer mask
   in that space is True where the *predicted* token is an answer token.
 - Outputs are returned on the device the input tensors were on.
@@ -291,10 +292,16 @@ def evaluate_loss(
 
 def save_hf_dir(model: Model, save_dir: str) -> None:
     """Write the trained role's full weights, in the engine's save dtype, (and tokenizer) as an
-    HF directory."""
+    HF directory; a role with adapters writes an HF peft adapter directory instead (and the
+    merged model under `merged/` with `<role>.save_merged`)."""
     from realflow.models.hf_io import save_hf
 
     engine = train_engine_of(model, "save")
+    if hasattr(engine.module, "peft_config"):  # adapters: realflow.engines.tuners.has_adapters
+        from realflow.engines.tuners import save_adapters
+
+        save_adapters(engine, save_dir, model.tokenizer)
+        return
     weights = engine.module_state_dict()
     save_hf(engine.module, save_dir, model.tokenizer, engine.save_dtype, state_dict=weights)
 
@@ -345,9 +352,9 @@ def rollout(
         prompts = [p for p in unique for _ in range(n_per_prompt)]
         ids_T = mb.data["packed_prompts"].to(engine.device)
         cu_B1 = cu_seqlens_from(unique, engine.device)
-        out = engine.forward_no_grad(
-            lambda _m, i=ids_T, c=cu_B1: generate(
-                engine.module, i, c, gconfig, model.rng, n_per_prompt
+        out = engine.forward_generate(
+            lambda module, i=ids_T, c=cu_B1: generate(
+                module, i, c, gconfig, model.rng, n_per_prompt
             )
         )
         answers = out.output_ids_T.split(out.output_lens_B.tolist())

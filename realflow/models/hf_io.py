@@ -108,6 +108,12 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
 def read_hf_config(path: str | os.PathLike) -> dict:
     """config.json of an HF directory as a dict."""
     file = Path(path) / "config.json"
+    if not file.is_file() and (Path(path) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{path} is a peft adapter directory, not a model: give the base model it names "
+            "in adapter_config.json (base_model_name_or_path), or the merged model (its "
+            "merged/ directory, saved with <role>.save_merged=true)"
+        )
     if not file.is_file():
         raise ValueError(f"{path} is not an HF checkpoint directory: no config.json")
     return _read_json(file)

@@ -71,8 +71,11 @@ def weights_dtype(role: ModelRole, trained: bool) -> torch.dtype | None:
     weights (and saves them back in that dtype by default). Roles never trained keep the
     checkpoint's dtype under bf16 compute (2 bytes per parameter for a bf16 checkpoint), and
     are upcast to fp32 without it, so that they compute what an fp32 trained role computes.
+    The frozen base weights of a role trained with adapters follow the never-trained rule (its
+    adapters are fp32 masters).
     """
-    return None if trained or role.config.bf16 else torch.float32
+    fully_trained = trained and role.config.adapters() is None
+    return None if fully_trained or role.config.bf16 else torch.float32
 
 
 def build_model(
@@ -83,15 +86,30 @@ def build_model(
     seed: int,
     dp_group: Any = None,
     device: torch.device = CPU,
+    base_owner: Model | None = None,
 ) -> Model:
-    """A `Model` for interfaces: a train engine for trained roles, an inference engine otherwise."""
+    """A `Model` for interfaces: a train engine for trained roles (with the role's adapters
+    injected first, if any), an inference engine otherwise; with `base_owner` (the model
+    `role.config.base_of` names), an engine over that model's base weights."""
     from realflow.engines.train import InferenceEngine, build_train_engine
 
+    if role.config.base_of:
+        from realflow.engines.tuners import BaseWeightsEngine
+
+        assert base_owner is not None, f"{name}: build {role.config.base_of} first"
+        logger.info("built %s as the base weights of %s on %s", name, role.config.base_of, device)
+        engine = BaseWeightsEngine(base_owner.module, role.config.base_of)
+        return Model(name=name, module=engine, tokenizer=base_owner.tokenizer)
     module = build_module(role, seed, weights_dtype(role, trained), device)
     tokenizer = load_role_tokenizer(role)
     if module is None:
         engine = None
     elif trained:
+        spec = role.config.adapters()
+        if spec is not None:
+            from realflow.engines.tuners import apply_adapters
+
+            apply_adapters(module, spec, seed, role.config.path)
         engine = build_train_engine(
             module, role.config.engine_config(), role.config.optimizer, total_train_steps, dp_group
         )

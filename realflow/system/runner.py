@@ -42,7 +42,8 @@ class RunResult:
 
 
 def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
-    """Role -> worker index: `cfg.allocation`, or one worker per role in DFG order."""
+    """Role -> worker index: `cfg.allocation`, or one worker per role in DFG order, except that
+    a role on another role's base weights (`<role>.base_of`) shares its owner's worker."""
     roles = list(dict.fromkeys(m.model_name for m in dfg.mfcs))
     if cfg.allocation:
         missing = [r for r in roles if r not in cfg.allocation]
@@ -51,7 +52,10 @@ def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
         used = sorted(set(cfg.allocation[r] for r in roles))
         renumber = {w: i for i, w in enumerate(used)}
         return {r: renumber[cfg.allocation[r]] for r in roles}
-    return {r: i for i, r in enumerate(roles)}
+    specs = cfg.roles()
+    owner = {r: specs[r].config.base_of or r for r in roles}
+    workers = list(dict.fromkeys(owner[r] for r in roles))
+    return {r: workers.index(owner[r]) for r in roles}
 
 
 def worker_specs(
@@ -92,11 +96,12 @@ def make_transport(cfg: ExperimentConfig) -> Transport:
 
 
 def resume_config(cfg: ExperimentConfig, ckpt: str) -> ExperimentConfig:
-    """The config with each trained role loading its weights from checkpoint `ckpt`."""
+    """The config with each trained role loading its weights from checkpoint `ckpt` (a role
+    with adapters keeps its base checkpoint: its adapters come back with its engine state)."""
     cfg = copy.deepcopy(cfg)
     for role, spec in cfg.roles().items():
         path = os.path.join(ckpt, role)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and spec.config.adapters() is None:
             spec.config.path = path
             spec.config.init_from_actor = False
     return cfg

@@ -151,7 +151,9 @@ class ModelWorker:
             groups = [torch.distributed.new_group([r]) for r in range(world)]
             self.dp_group = groups[torch.distributed.get_rank()]
         torch.manual_seed(cfg.seed)
-        for name in self.spec.roles:
+        # A role on another role's base weights (`base_of`) is built after its owner.
+        for name in sorted(self.spec.roles, key=lambda r: bool(roles[r].config.base_of)):
+            owner = roles[name].config.base_of
             self.models[name] = build_model(
                 name,
                 roles[name],
@@ -159,7 +161,8 @@ class ModelWorker:
                 self.spec.total_train_steps,
                 cfg.seed,
                 self.dp_group,
-                torch.device(self.spec.device),
+                device=torch.device(self.spec.device),
+                base_owner=self.models[owner] if owner else None,
             )
         # Roles with <role>.offload: weights (and optimizer state) leave the device between calls.
         self.offloaded = {

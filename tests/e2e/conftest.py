@@ -17,9 +17,10 @@ def reverse_sft() -> str:
 @pytest.fixture(scope="session")
 def examples_loaded() -> None:
     """Import the example plugins in this process (registers ppo_minilm, remax and their
-    interfaces; loading them again is a no-op)."""
-    from e2e_utils import PPO_MINILM, REMAX, REPO
+    interfaces, and dpo_lora's loss, metric and callback; loading them again is a no-op)."""
+    from e2e_utils import DPO_LORA_PLUGINS, PPO_MINILM, REMAX, REPO
 
     from realflow.api.registry import load_plugins
 
-    load_plugins([str(REPO / PPO_MINILM), str(REPO / REMAX)], entry_points=False)
+    plugins = [PPO_MINILM, REMAX, DPO_LORA_PLUGINS]
+    load_plugins([str(REPO / p) for p in plugins], entry_points=False)

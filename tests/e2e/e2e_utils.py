@@ -20,6 +20,8 @@ from realflow.experiments.common import ExperimentConfig
 REPO = Path(__file__).resolve().parents[2]
 PPO_MINILM = "experiments/ppo_external_scorer.py"
 REMAX = "experiments/remax.py"
+DPO_LORA = "experiments/dpo_lora.yaml"
+DPO_LORA_PLUGINS = "experiments/dpo_lora_plugins.py"
 QUIET = ("tensorboard=false", "progress_bar=false")
 
 

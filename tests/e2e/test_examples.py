@@ -5,14 +5,17 @@ they say on hand-made batches."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 import torch
 from e2e_utils import (
+    DPO_LORA,
     PPO_MINILM,
     QUIET,
     REMAX,
+    REPO,
     assert_finite_rows,
     assert_one_trace_event_per_call,
     check_cli,
@@ -207,3 +210,197 @@ def test_remax_refuses_a_greedy_sampled_branch(examples_loaded):
         tiny_config("remax", "unused", "remax.gen.greedy=true")
     with pytest.raises(ConfigError, match=r"remax.n_minibatches \(3\) must divide n_seqs \(4\)"):
         tiny_config("remax", "unused", "n_seqs=4", "remax.n_minibatches=3")
+
+
+# ---- (c) dpo_lora: a LoRA actor, its base as ref, and a loss, a metric and a callback ----------
+
+EVAL_PAIRS = [
+    ("rev 1 2 3 =", " 3 2 1", " 1 2 3"),
+    ("rev 4 7 1 2 =", " 2 1 7 4", " 2 1 7"),
+    ("rev 9 8 7 6 5 =", " 5 6 7 8 9", " 5 6 7 8 9 9 9"),
+    ("rev 3 3 5 =", " 5 3 3", " 3 5 3"),
+]
+
+
+def hf_answer_logps(model, samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the answer tokens' log-probs of every sequence (plain transformers), and the
+    number of answer tokens: [chosen, rejected] of each sample in turn."""
+    logps, counts = [], []
+    with torch.no_grad():
+        for s in samples:
+            cu = s.cu_seqlens("packed_input_ids").tolist()
+            for a, b in zip(cu[:-1], cu[1:]):
+                ids = s.data["packed_input_ids"][a:b]
+                answer = ~s.data["prompt_mask"][a:b].bool()
+                logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
+                token_logp = logp.gather(1, ids[1:, None])[:, 0]
+                logps.append(token_logp[answer[1:]].sum())
+                counts.append(answer[1:].sum().double())
+    return torch.stack(logps), torch.stack(counts)
+
+
+def lora_deltas(base_dir: str, adapter_dir: str) -> list[float]:
+    """||W_merged - W_base||_F of every weight peft's merge changes (transformers + peft)."""
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+    deltas = {k: float((merged[k].double() - before[k].double()).norm()) for k in before}
+    return sorted(d for d in deltas.values() if d > 0)
+
+
+def test_dpo_lora_dry_run_uses_the_plugins():
+    dfg = json.loads(check_cli(run_cli("dpo", "--config", DPO_LORA, "--dry-run", "--json")))
+    cfg = dfg["config"]
+    assert cfg["actor"]["lora"]["rank"] == 8 and cfg["ref"]["base_of"] == "actor"
+    assert cfg["dpo"]["loss"] == "dpo_norm" and cfg["callbacks"] == ["adapter_drift"]
+    assert "ref_preference" in cfg["metrics"]
+
+
+@pytest.mark.slow
+def test_dpo_lora_plugins_take_effect(tmp_path, reverse_sft, examples_loaded, monkeypatch):
+    """A small run of experiments/dpo_lora.yaml: eval/loss is the length-normalised DPO loss
+    that transformers + peft compute from the step's adapter (the actor) and the base checkpoint
+    (the ref); the metric, on the eval's ref call, is the base model's preference on the eval
+    pairs computed by transformers; the callback's drift file holds the weight change
+    peft's merge makes, and its max_drift stopped the run; the actor's base weights are bit for
+    bit those it started from while its adapter moved."""
+    import transformers
+    from peft import PeftModel
+
+    import realflow.engines.tuners as tuners
+    from realflow.api.config import apply_overrides
+    from realflow.data.tokenizer import load_tokenizer
+    from realflow.experiments.dpo import DPOConfig
+    from realflow.system.runner import run
+
+    built = []
+    apply_adapters = tuners.apply_adapters
+
+    def recording_apply_adapters(module, spec, seed, base_path):
+        built.append((module, {k: v.clone() for k, v in module.state_dict().items()}))
+        return apply_adapters(module, spec, seed, base_path)
+
+    monkeypatch.setattr(tuners, "apply_adapters", recording_apply_adapters)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in EVAL_PAIRS
+        )
+    )
+    out = tmp_path / "run"
+    overrides = [
+        f"output_dir={out}", *QUIET, "total_steps=6", "n_seqs=4", "save_freq_steps=1",
+        "eval_freq_steps=1", f"eval_dataset.path={pairs}",
+        "callback_args.adapter_drift.max_drift=1e-9",
+    ]  # fmt: skip
+    cfg = apply_overrides(DPOConfig, overrides, [str(REPO / DPO_LORA)])
+    result = run("dpo", cfg)
+    rows = read_metrics(out)
+
+    # the callback: it stopped the run after the first checkpoint, and logged every save
+    assert "adapter_drift" in result.stop_reason and len(rows) < 6
+    saved = sorted(
+        int(d.split("_")[1]) for d in os.listdir(out / "checkpoints") if d.startswith("step_")
+    )
+    drift = [json.loads(line) for line in (out / "adapter_drift.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in drift] == saved and saved[0] == 1
+    for d in drift:
+        deltas = lora_deltas(reverse_sft, str(out / "checkpoints" / f"step_{d['step']}" / "actor"))
+        assert d["drift"] == pytest.approx(sum(deltas), rel=1e-4)
+        assert d["max_module"] == pytest.approx(max(deltas), rel=1e-4)
+
+    # the metric, on ref_inf
+    for r in rows:
+        assert 0.0 <= r["ref_inf/pref_acc"] <= 1.0 and math.isfinite(r["ref_inf/gap_per_token"])
+
+    # the loss: step 1 starts from LoRA's B = 0 (actor == ref: margin 0, loss log 2); eval/loss
+    # of each step against transformers + peft on the step's checkpoint
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["norm_margin"] == 0
+    dataset = cfg.build_dataset(load_tokenizer("builtin"), str(pairs))
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == len(EVAL_PAIRS)
+    base = transformers.AutoModelForCausalLM.from_pretrained(reverse_sft).eval()
+    ref_logp, n = hf_answer_logps(base, samples)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == saved
+    # the metric on the eval's ref call: the base model's preferences on the eval pairs
+    per_token = ref_logp / n
+    for r in evals:
+        acc = float((ref_logp[0::2] > ref_logp[1::2]).double().mean())
+        assert r["eval/eval_ref_inf/pref_acc"] == acc
+        gap = float((per_token[0::2] - per_token[1::2]).mean())
+        assert r["eval/eval_ref_inf/gap_per_token"] == pytest.approx(gap, rel=1e-4)
+    for r in evals:
+        adapter = out / "checkpoints" / f"step_{r['step']}" / "actor"
+        actor = PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(reverse_sft), adapter
+        ).eval()
+        pi_logp, _ = hf_answer_logps(actor, samples)
+        ratio = (pi_logp - ref_logp) / n
+        margin = cfg.dpo.beta * (ratio[0::2] - ratio[1::2])
+        want = float(-torch.nn.functional.logsigmoid(margin).mean())
+        assert r["eval/loss"] == pytest.approx(want, rel=1e-4)
+        assert r["eval/loss"] != pytest.approx(math.log(2), abs=1e-6)  # the adapter did move
+
+    # the base weights did not change, bit for bit; the adapter did
+    ((module, initial),) = built
+    live = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items()}
+    assert all(torch.equal(live[k], v) for k, v in initial.items())
+    lora_b = [p for k, p in module.named_parameters() if "lora_B" in k]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at zero
+
+
+def test_dpo_lora_plugins_on_hand_made_pairs(examples_loaded):
+    from realflow.api.dfg import InterfaceSpec, InterfaceType, MFCDef
+    from realflow.api.registry import CALLBACKS, DPO_LOSSES, METRICS
+    from realflow.interfaces.losses import DPOLossInput
+
+    # the loss: per pair, against the formula
+    t = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    inp = DPOLossInput(t(-4.0, -9.0), t(-6.0, -3.0), t(-5.0, -8.0), t(-5.0, -4.0), t(2, 3), t(4, 1),
+                       0.5, 0.0)  # fmt: skip
+    loss, stats = DPO_LOSSES.get("dpo_norm")(inp)
+    margins = [0.5 * ((-4 + 5) / 2 - (-6 + 5) / 4), 0.5 * ((-9 + 8) / 3 - (-3 + 4) / 1)]
+    want = [math.log1p(math.exp(-m)) for m in margins]
+    torch.testing.assert_close(loss, t(*want))
+    assert float(stats["norm_margin"]) == pytest.approx(sum(margins) / 2)
+
+    # the metric: a ref_inf-like call over two pairs
+    data = prompt_answer_sample(
+        [
+            ("rev 1 2 =", " 2 1", ""),
+            ("rev 1 2 =", " 1", ""),
+            ("rev 3 =", " 3 3", ""),
+            ("rev 3 =", " 3", ""),
+        ]
+    )
+    data.update_(
+        SequenceSample.from_sequences(
+            data.ids, {"ref_seqlogp": [torch.tensor([x]) for x in (-1.0, -3.0, -6.0, -1.0)]}
+        )
+    )
+    mfc = MFCDef(
+        "ref_inf",
+        "ref",
+        InterfaceType.INFERENCE,
+        InterfaceSpec("dpo"),
+        4,
+        output_keys=("ref_seqlogp",),
+    )
+    got = METRICS.get("ref_preference")(mfc, data, Model("ref", None))
+    masks = data.data["prompt_mask"].split(data.flat_seqlens("prompt_mask"))
+    n = [float((~m.bool()).sum()) for m in masks]
+    logp = [-1.0, -3.0, -6.0, -1.0]
+    gaps = [logp[0] / n[0] - logp[1] / n[1], logp[2] / n[2] - logp[3] / n[3]]
+    assert got == {"pref_acc": 0.5, "gap_per_token": pytest.approx(sum(gaps) / 2)}
+    no_logp = MFCDef(
+        "actor_gen", "actor", InterfaceType.GENERATE, InterfaceSpec("x"), 4, output_keys=("x",)
+    )
+    assert METRICS.get("ref_preference")(no_logp, data, Model("ref", None)) == {}
+
+    # the callback's arguments are checked
+    with pytest.raises(ValueError, match="max_drift"):
+        CALLBACKS.get("adapter_drift")(max_drift=-1.0)

@@ -37,6 +37,10 @@ class HFFamily:
       `state_dict_to_hf(sd, config, head)` -> HF state dict.
     - `hf_param_names(config, head)` -> {"embedding": [...], "block.{i}": [...], "head": [...]}
       listing the HF parameter names of each part.
+    - `hf_modules(config, head)` -> {realflow module: (HF module, part)} for every module with
+      parameters; realflow modules sharing one HF module are its row blocks in `part` order
+      (gpt2's fused `c_attn` holds q, k, v). Adapters (LoRA...) are saved in HF names through
+      it; None: this family's adapters cannot be saved for peft.
     """
 
     name: str
@@ -47,6 +51,7 @@ class HFFamily:
     state_dict_from_hf: Callable[[StateDict, TransformerConfig, str], StateDict]
     state_dict_to_hf: Callable[[StateDict, TransformerConfig, str], StateDict]
     hf_param_names: Callable[[TransformerConfig, str], dict[str, list[str]]]
+    hf_modules: Callable[[TransformerConfig, str], dict[str, tuple[str, int]]] | None = None
 
     def embedding_names(self, config: TransformerConfig, head: str = "lm") -> list[str]:
         return self.hf_param_names(config, head)["embedding"]
@@ -161,6 +166,13 @@ def rename_state_dict(sd: StateDict, name_map: dict[str, str], ignore: list[str]
             f"{' ...' if len(unexpected) > 10 else ''}"
         )
     return out
+
+
+def modules_of_name_map(name_map: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """{realflow module: (HF module, 0)} of a one-to-one {realflow param: HF param} map."""
+    return {
+        ours.rsplit(".", 1)[0]: (theirs.rsplit(".", 1)[0], 0) for ours, theirs in name_map.items()
+    }
 
 
 def group_hf_names(name_map: dict[str, str]) -> dict[str, list[str]]:

@@ -195,6 +195,21 @@ def _param_names(cfg: TransformerConfig, head: str) -> dict[str, list[str]]:
     return groups
 
 
+def _modules(cfg: TransformerConfig, head: str) -> dict[str, tuple[str, int]]:
+    """q, k and v are the three row blocks (output features) of HF's fused `attn.c_attn`."""
+    m = {"embed_tokens": ("transformer.wte", 0), "embed_positions": ("transformer.wpe", 0)}
+    for i in range(cfg.n_layers):
+        p, q = f"transformer.h.{i}.", f"layers.{i}."
+        for ours, theirs, _ in _LAYER_MAP:
+            m[q + ours.rsplit(".", 1)[0]] = (p + theirs.rsplit(".", 1)[0], 0)
+        for j, name in enumerate("qkv"):
+            m[f"{q}attn.{name}_proj"] = (p + "attn.c_attn", j)
+    m["norm"] = ("transformer.ln_f", 0)
+    for ours, theirs in _head_map(cfg, head).items():
+        m[ours.rsplit(".", 1)[0]] = (theirs.rsplit(".", 1)[0], 0)
+    return m
+
+
 GPT2 = HFFamily(
     name="gpt2",
     model_types=("gpt2",),
@@ -208,4 +223,5 @@ GPT2 = HFFamily(
     state_dict_from_hf=_from_hf,
     state_dict_to_hf=_to_hf,
     hf_param_names=_param_names,
+    hf_modules=_modules,
 )

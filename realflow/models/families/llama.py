@@ -14,6 +14,7 @@ from realflow.models.families.base import (
     HFFamily,
     StateDict,
     group_hf_names,
+    modules_of_name_map,
     rename_state_dict,
     rope_from_hf,
     rope_to_hf,
@@ -172,6 +173,10 @@ def _param_names(cfg: TransformerConfig, head: str) -> dict[str, list[str]]:
     return group_hf_names(llama_name_map(cfg, head))
 
 
+def _modules(cfg: TransformerConfig, head: str) -> dict[str, tuple[str, int]]:
+    return modules_of_name_map(llama_name_map(cfg, head))
+
+
 def make_llama_like(name: str, model_type: str, class_prefix: str, qwen: bool) -> HFFamily:
     """A llama-shaped family; `qwen` selects Qwen2's bias layout and defaults."""
     defaults = QWEN2_DEFAULTS if qwen else LLAMA_DEFAULTS
@@ -188,6 +193,7 @@ def make_llama_like(name: str, model_type: str, class_prefix: str, qwen: bool) -
         state_dict_from_hf=_from_hf,
         state_dict_to_hf=_to_hf,
         hf_param_names=_param_names,
+        hf_modules=_modules,
     )
 
 
