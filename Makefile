@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 MUTATE_CHILDREN ?= 2
 MUTANTS ?=
 
-.PHONY: install demo test lint bench mutate clean
+.PHONY: install demo test lint bench mutate clean gpu-wheels
 
 # --no-build-isolation: setup.py compiles csrc/ against the torch installed just before (an
 # isolated build would not see it, and realflow would fall back to its pure-torch interval ops).
@@ -35,6 +35,11 @@ lint: install
 mutate: install
 	$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut results
+
+# Wheels that benchmarks/gpu/run.sh installs on a GPU machine without an index (it has torch and
+# transformers but no omegaconf); carry benchmarks/gpu/wheels there with the repository.
+gpu-wheels:
+	python3 -m pip wheel --no-deps -w benchmarks/gpu/wheels omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build mutants realflow/parallel/_interval_ops*.so

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from realflow.algorithms.chunked import rows_entropy, rows_logprobs
+
 
 def cu_seqlens_from_lens(
     seqlens_B: Sequence[int] | torch.Tensor, device: torch.device | str | None = None
@@ -103,43 +105,60 @@ def build_answer_mask(
     return pos_T1 >= torch.repeat_interleave(p - 1, L - 1)
 
 
+def _next_token_rows(cu_seqlens_B1: torch.Tensor, n_rows: int, device) -> torch.Tensor:
+    """The rows of a `[T, ...]` tensor that predict a token (all but each sequence's last)."""
+    keep = torch.ones(n_rows, dtype=torch.bool, device=device)
+    keep[cu_seqlens_B1[1:].long() - 1] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _check_rows(logits_TV: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> None:
+    T = logits_TV.shape[0]
+    if int(cu_seqlens_B1[-1]) != T:
+        raise ValueError(
+            f"logits_TV has {T} rows but cu_seqlens_B1 covers {int(cu_seqlens_B1[-1])}"
+        )
+    shifted_cu_seqlens(cu_seqlens_B1)  # validates lengths >= 1
+
+
 def gather_packed_logprobs(
     logits_TV: torch.Tensor,
     input_ids_T: torch.Tensor,
     cu_seqlens_B1: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probs ``logprobs_T1`` (float32) of each next token within each packed sequence.
 
     Row t of ``logits_TV`` scores token t+1 of the same sequence; the last row of each sequence is
     dropped, so nothing is ever gathered across a sequence boundary. Logits are divided by
-    ``temperature``. Works on ``chunk_size`` rows at a time (logsumexp + gather), so a full
-    ``[T, V]`` log-softmax is never materialised. Differentiable with respect to ``logits_TV``.
+    ``temperature``. Works on ``chunk_size`` rows at a time (default: a 256 MiB fp32 chunk), in
+    the forward and in the backward, so no fp32 ``[T, V]`` tensor ever exists (see
+    :mod:`realflow.algorithms.chunked`). Differentiable with respect to ``logits_TV``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     T = logits_TV.shape[0]
-    if input_ids_T.shape != (T,) or int(cu_seqlens_B1[-1]) != T:
+    if input_ids_T.shape != (T,):
         raise ValueError(
             f"logits_TV has {T} rows, input_ids_T shape {tuple(input_ids_T.shape)}, "
             f"cu_seqlens_B1 covers {int(cu_seqlens_B1[-1])}: all must agree"
         )
-    shifted_cu_seqlens(cu_seqlens_B1)  # validates lengths >= 1
-    keep = torch.ones(T, dtype=torch.bool, device=logits_TV.device)
-    keep[cu_seqlens_B1[1:].long() - 1] = False
-    rows = keep.nonzero().squeeze(1)
+    _check_rows(logits_TV, cu_seqlens_B1)
+    rows = _next_token_rows(cu_seqlens_B1, T, logits_TV.device)
     labels = input_ids_T.long()[rows + 1]
-    out = []
-    for s in range(0, rows.numel(), chunk_size):
-        x = logits_TV.index_select(0, rows[s : s + chunk_size]).float()
-        if temperature != 1.0:
-            x = x / temperature
-        picked = x.gather(1, labels[s : s + chunk_size, None]).squeeze(1)
-        out.append(picked - torch.logsumexp(x, dim=-1))
-    if not out:
-        return logits_TV.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+    return rows_logprobs(logits_TV, rows, labels, temperature, chunk_size)
+
+
+def packed_entropy(
+    logits_TV: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``entropy_T1`` (float32): entropy of each next-token distribution, on the rows
+    :func:`gather_packed_logprobs` uses; chunked like it. Differentiable."""
+    _check_rows(logits_TV, cu_seqlens_B1)
+    rows = _next_token_rows(cu_seqlens_B1, logits_TV.shape[0], logits_TV.device)
+    return rows_entropy(logits_TV, rows, temperature, chunk_size)
 
 
 def sequence_logprobs(

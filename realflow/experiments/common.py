@@ -201,6 +201,18 @@ class ExperimentConfig:
     mode: str = field_("local", "Where workers run.", choices=("local", "ray"))
     ray_address: str = field_("", "mode=ray: address of a running Ray cluster; empty starts one.")
     ray_dashboard: bool = field_(False, "mode=ray: start the Ray dashboard with a new cluster.")
+    device: str = field_(
+        "auto",
+        "Where workers compute: 'cuda' (mode=local: worker i on cuda:i modulo the GPU count; "
+        "mode=ray: the GPU Ray assigns each worker), 'cpu', or 'auto' (cuda when the machine or "
+        "Ray cluster has a GPU). cuda without a GPU is an error before anything starts.",
+        choices=("auto", "cpu", "cuda"),
+    )
+    ray_gpus_per_worker: float = field_(
+        -1.0,
+        "mode=ray: GPUs each worker actor asks Ray for; -1: 1 with device cuda, 0 on CPU; "
+        "a fraction (e.g. 0.5) lets workers share a GPU.",
+    )
     total_steps: int = field_(20, "Iterations (steps) to run.", gt=0)
     n_seqs: int = field_(16, "Samples (prompts or pairs) per step.", gt=0)
     save_freq_steps: int = field_(0, "Save a checkpoint every N steps (0: only at the end).", ge=0)
@@ -394,6 +406,19 @@ class ExperimentConfig:
             problems.append(str(e))
         return problems
 
+    def _device_problems(self) -> list[str]:
+        gpus = self.ray_gpus_per_worker
+        if gpus != -1 and gpus < 0:
+            return [f"ray_gpus_per_worker ({gpus}) must be -1 (automatic) or >= 0"]
+        if self.device == "cpu" and gpus > 0:
+            return [f"ray_gpus_per_worker ({gpus}) must be 0 or -1 with device=cpu"]
+        if self.device == "cuda" and gpus == 0:
+            return [
+                "ray_gpus_per_worker (0) must be > 0 with device=cuda: a worker with no GPU "
+                "cannot own one; use -1 (one GPU each) or a fraction to share"
+            ]
+        return []
+
     def _base_of_problems(self) -> list[str]:
         """`<role>.base_of=<owner>`: the owner is a trained role with adapters, computing in the
         same precision, and (with an explicit allocation) on the same worker."""
@@ -497,6 +522,7 @@ class ExperimentConfig:
         ]
         problems += callback_problems(list(self.callbacks), dict(self.callback_args))
         problems += self._eval_problems()
+        problems += self._device_problems()
         if self.overwrite and self.recover_mode != "disabled":
             problems.append(
                 f"overwrite=true deletes the run that recover_mode={self.recover_mode} would "

@@ -13,6 +13,7 @@ from realflow.experiments.common import ModelRole
 logger = logging.getLogger(__name__)
 
 BUILTIN_RANDOM = "builtin:tiny"
+CPU = torch.device("cpu")
 
 
 def load_role_tokenizer(role: ModelRole) -> Any:
@@ -27,10 +28,14 @@ def load_role_tokenizer(role: ModelRole) -> Any:
 
 
 def build_module(
-    role: ModelRole, seed: int, dtype: torch.dtype | None = None
+    role: ModelRole,
+    seed: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device = CPU,
 ) -> torch.nn.Module | None:
-    """The role's PackedTransformer with its head, or None for a weightless role. The weights
-    are in `dtype`, by default the checkpoint's (a random built-in model is fp32)."""
+    """The role's PackedTransformer with its head on `device`, or None for a weightless role.
+    The weights are in `dtype`, by default the checkpoint's (a random built-in model is fp32,
+    initialised on the CPU so that every device starts from the same weights)."""
     if role.head == "none":
         return None
     from realflow.models.hf_io import init_from_actor, load_hf
@@ -45,14 +50,18 @@ def build_module(
         vocab = len(load_tokenizer("builtin"))
         torch.manual_seed(seed)
         model = PackedTransformer(builtin_config("tiny-llama", vocab, **overrides), head=role.head)
-        return model if dtype is None else model.to(dtype)
+        return model.to(device=device, dtype=dtype)
     if cfg.path.startswith("builtin:"):
         raise ValueError(
             f"built-in model '{cfg.path}' must be resolved to a directory before workers start"
         )
     if role.head != "lm" and cfg.init_from_actor:
-        return init_from_actor(cfg.path, head=role.head, seed=seed, dtype=dtype, **overrides).model
-    return load_hf(cfg.path, head=role.head, dtype=dtype, load_tokenizer=False, **overrides).model
+        return init_from_actor(
+            cfg.path, head=role.head, seed=seed, dtype=dtype, device=device, **overrides
+        ).model
+    return load_hf(
+        cfg.path, head=role.head, dtype=dtype, device=device, load_tokenizer=False, **overrides
+    ).model
 
 
 def weights_dtype(role: ModelRole, trained: bool) -> torch.dtype | None:
@@ -76,6 +85,7 @@ def build_model(
     total_train_steps: int,
     seed: int,
     dp_group: Any = None,
+    device: torch.device = CPU,
     base_owner: Model | None = None,
 ) -> Model:
     """A `Model` for interfaces: a train engine for trained roles (with the role's adapters
@@ -87,10 +97,10 @@ def build_model(
         from realflow.engines.tuners import BaseWeightsEngine
 
         assert base_owner is not None, f"{name}: build {role.config.base_of} first"
-        logger.info("built %s as the base weights of %s", name, role.config.base_of)
+        logger.info("built %s as the base weights of %s on %s", name, role.config.base_of, device)
         engine = BaseWeightsEngine(base_owner.module, role.config.base_of)
         return Model(name=name, module=engine, tokenizer=base_owner.tokenizer)
-    module = build_module(role, seed, weights_dtype(role, trained))
+    module = build_module(role, seed, weights_dtype(role, trained), device)
     tokenizer = load_role_tokenizer(role)
     if module is None:
         engine = None
@@ -107,10 +117,11 @@ def build_model(
         module.requires_grad_(False)
         engine = InferenceEngine(module, role.config.engine_config())
     logger.info(
-        "built %s (%s, head=%s, %s)",
+        "built %s (%s, head=%s, %s) on %s",
         name,
         role.config.path,
         role.head,
         "train" if trained else "inference",
+        device if module is not None else "no device (no weights)",
     )
     return Model(name=name, module=engine, tokenizer=tokenizer)

@@ -1,22 +1,26 @@
 """mode=ray: each model worker is a Ray actor; the master stays in the driver.
 
-The actors join one torch.distributed group (gloo on CPU) and move sample tensors to each other
-with point-to-point sends: the master queues a SEND on the holder and the MFC (which receives
+The actors join one torch.distributed group (gloo on CPU; on GPU workers NCCL for CUDA tensors
+and gloo for CPU ones) and move sample tensors to each other with point-to-point sends: the master queues a SEND on the holder and the MFC (which receives
 first) on the consumer. Both are queued from the master's single thread, so every actor sees its
 sends and receives in one global order and no pair can deadlock.
 
 `ray_address` joins a running cluster; empty starts a local one (no dashboard unless asked) that
-is stopped at the end. On a cluster, submit the driver with the Ray Jobs API:
+is stopped at the end. Each actor asks Ray for `ray_gpus_per_worker` GPUs (see
+realflow/system/devices.py) and computes on the one Ray assigned it. On a cluster, submit the driver with the Ray Jobs API:
 `ray job submit --address http://HEAD:8265 -- python -m realflow.quickstart ppo mode=ray ...`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 from typing import Any
 
+from realflow.api.config import ConfigError
+from realflow.system.devices import process_group_backend, ray_gpus_per_worker, resolve_device
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Frees, Kind, ModelWorker, Transfer, WorkerSpec
 
@@ -32,7 +36,11 @@ class _RayWorker:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        self.worker = ModelWorker(spec, lambda t: recv_sample(t.meta, t.src))
+        if spec.device == "cuda":
+            # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: that GPU is cuda:0 here.
+            spec = dataclasses.replace(spec, device="cuda:0")
+        self.worker = ModelWorker(spec, lambda t: recv_sample(t.meta, t.src, spec.device))
+        self.device = spec.device
 
     def init_distributed(self, master_addr: str, port: int, rank: int, world: int) -> int:
         import torch.distributed as dist
@@ -44,8 +52,17 @@ class _RayWorker:
             WORLD_SIZE=str(world),
             LOCAL_RANK="0",
         )
+        from realflow.system.devices import process_group_backend
+
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(self.device)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://{master_addr}:{port}", rank=rank, world_size=world
+            process_group_backend(self.device),
+            init_method=f"tcp://{master_addr}:{port}",
+            rank=rank,
+            world_size=world,
         )
         return os.getpid()
 
@@ -58,6 +75,27 @@ class _RayWorker:
             # Travels with the pickled exception: the driver shows the user's frames from it.
             e.realflow_traceback = format_exception(e)  # type: ignore[attr-defined]
             raise
+
+
+def place_ray(specs: list[WorkerSpec], cluster_gpus: int) -> tuple[list[WorkerSpec], float]:
+    """The specs with their device ('cpu', or 'cuda': the GPU Ray assigns the actor) and the
+    `num_gpus` each worker actor asks for; a ConfigError before any actor starts when the
+    cluster cannot give what the config asks."""
+    if not specs:
+        return specs, 0.0
+    cfg = specs[0].config
+    kind = resolve_device(cfg.device, cluster_gpus, "the Ray cluster")
+    num_gpus = ray_gpus_per_worker(kind, cfg.ray_gpus_per_worker)
+    needed = num_gpus * len(specs)
+    if needed > cluster_gpus:
+        raise ConfigError(
+            [
+                f"ray_gpus_per_worker: {len(specs)} workers x {num_gpus} GPU(s) ({needed}) is "
+                f"more than the Ray cluster's {cluster_gpus} GPU(s); use fewer workers "
+                "(allocation), or a fraction (e.g. ray_gpus_per_worker=0.5) to share GPUs"
+            ]
+        )
+    return [dataclasses.replace(s, device=kind) for s in specs], num_gpus
 
 
 def _free_port() -> int:
@@ -91,8 +129,10 @@ class RayTransport(Transport):
                     log_to_driver=True,
                 )
                 self.started_cluster = True
+        specs, num_gpus = place_ray(specs, int(ray.cluster_resources().get("GPU", 0)))
         self.n_workers = len(specs)
-        actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_RayWorker)
+        self.devices = [s.device for s in specs]
+        actor_cls = ray.remote(num_cpus=0, num_gpus=num_gpus, max_restarts=0)(_RayWorker)
         self.actors = [actor_cls.remote(spec) for spec in specs]
         # Workers on one node reach each other on loopback; across nodes use the first actor's node.
         addr = (
@@ -109,7 +149,14 @@ class RayTransport(Transport):
                 for i, a in enumerate(self.actors)
             ]
         )
-        logger.info("ray: %d worker actors (pids %s) in one gloo group", self.n_workers, self.pids)
+        logger.info(
+            "ray: %d worker actors (pids %s, %s GPU(s) each, device %s) in one %s group",
+            self.n_workers,
+            self.pids,
+            num_gpus,
+            specs[0].device if specs else "-",
+            process_group_backend(specs[0].device if specs else "cpu"),
+        )
 
     def submit(self, worker: int, kind: Kind, payload: Any = None, frees: Frees = ()) -> Any:
         ref = self.actors[worker].handle.remote(kind, payload, frees)

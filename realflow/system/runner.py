@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from realflow.api.callbacks import CallbackError, CallbackList, RunContext, build_callbacks
-from realflow.api.config import to_dict
+from realflow.api.config import ConfigError, to_dict
 from realflow.api.dfg import DataflowGraph, write_dfg_files
 from realflow.api.registry import absolute_plugin_specs
 from realflow.api.tracebacks import user_frames
@@ -109,12 +109,13 @@ def resume_config(cfg: ExperimentConfig, ckpt: str) -> ExperimentConfig:
 
 def run_experiment(name: str, cfg: ExperimentConfig) -> int:
     """The CLI's entry: run with SIGINT/SIGTERM handled, print how it ended. Exit codes: 0 done,
-    1 a failed run, 2 a refused run directory, 128 + signal number when stopped by a signal."""
+    1 a failed run, 2 a refused run directory or an impossible device (cuda without a GPU),
+    128 + signal number when stopped by a signal."""
     stop = StopRequest()
     try:
         with stop.on_signals():
             result = run(name, cfg, stop)
-    except (RunDirError, RoleCheckError, CheckpointError) as e:
+    except (RunDirError, RoleCheckError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, CheckpointError) else 2
     except RunFailure as e:
@@ -255,6 +256,8 @@ def _run_with(
     if resume_from:
         transport.call_all(workers, Kind.LOAD, resume_from)
     logger.info("%d worker(s) ready in %.1f s: %s", len(specs), time.time() - t0, where)
+    for w, spec in enumerate(specs):
+        logger.info("worker %d on %s: %s", w, transport.devices[w], ", ".join(spec.roles))
     loop = _Loop(cfg, dfg, transport, specs, where, callbacks, resume_from, first_step)
     if eval_dfg is not None:
         n = info.get("eval_batches", 0)

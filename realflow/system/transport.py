@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import dataclasses
 import functools
 import logging
 import queue
@@ -46,6 +47,7 @@ class Transport(abc.ABC):
     """The master's view of its workers."""
 
     n_workers: int
+    devices: list[str]  # each worker's device, set by start() (realflow/system/devices.py)
 
     @abc.abstractmethod
     def start(self, specs: list[WorkerSpec]) -> None:
@@ -109,7 +111,9 @@ class LocalTransport(Transport):
     compute_plan = "auto"
 
     def start(self, specs: list[WorkerSpec]) -> None:
+        specs = place_local(specs)  # a ConfigError (cuda without a GPU) before any worker
         self.n_workers = len(specs)
+        self.devices = [s.device for s in specs]
         self.workers = [ModelWorker(spec, self._fetch) for spec in specs]
         self.queues: list[queue.Queue] = [queue.Queue() for _ in specs]
         self.stopping = threading.Event()
@@ -168,6 +172,19 @@ class LocalTransport(Transport):
             logger.warning(
                 "worker threads still in a call after %gs: %s", self.join_timeout_s, alive
             )
+
+
+def place_local(specs: list[WorkerSpec]) -> list[WorkerSpec]:
+    """The specs with each worker's device (see realflow/system/devices.py), all of them resolved
+    from the run's `device` key at once."""
+    from realflow.system.devices import local_gpu_count, local_worker_devices, resolve_device
+
+    if not specs:
+        return specs
+    n_gpus = local_gpu_count()
+    kind = resolve_device(specs[0].config.device, n_gpus)
+    devices = local_worker_devices(kind, len(specs), n_gpus)
+    return [dataclasses.replace(s, device=d) for s, d in zip(specs, devices, strict=True)]
 
 
 # Setup imports transformers & co. lazily; their lazy-import machinery is not thread-safe.

@@ -55,6 +55,9 @@ class WorkerSpec:
     mfcs: list[MFCDef]  # the MFCs of the DFG that run on this worker
     serves_dataset: bool
     total_train_steps: int
+    # The device this worker computes on: 'cpu' or 'cuda:<i>', set by the transport from the
+    # run's `device` key (realflow/system/devices.py).
+    device: str = "cpu"
 
 
 @dataclasses.dataclass
@@ -131,6 +134,9 @@ class ModelWorker:
         """Run one request. `frees` ride along with it: (ids, keys) the master has released
         since it last talked to this worker, dropped first (saves a round trip per free)."""
         self.free(frees)
+        if self.spec.device.startswith("cuda"):
+            # The current CUDA device is per thread, and a compute thread may serve any worker.
+            torch.cuda.set_device(self.spec.device)
         return self._handlers[kind](payload)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -159,7 +165,8 @@ class ModelWorker:
                 self.spec.total_train_steps,
                 cfg.seed,
                 self.dp_group,
-                self.models[owner] if owner else None,
+                device=torch.device(self.spec.device),
+                base_owner=self.models[owner] if owner else None,
             )
         # Roles with <role>.offload: weights (and optimizer state) leave the device between calls.
         self.offloaded = {
@@ -284,7 +291,8 @@ class ModelWorker:
         from realflow.system.p2p import send_sample
 
         dst, transfer = payload
-        send_sample(self.local_data(transfer.meta.ids, sorted(transfer.meta.keys)), dst)
+        data = self.local_data(transfer.meta.ids, sorted(transfer.meta.keys))
+        send_sample(data, dst, self.spec.device)
 
     def store_size(self, _: Any = None) -> int:
         return sum(len(held) for held in self.store.values())
