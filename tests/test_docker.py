@@ -1,5 +1,6 @@
 """The docker images: both pass hadolint, and install realflow the way the Makefile (the
-README's two commands) does: the same torch pin, then the project in editable mode."""
+README's two commands) does: the same torch pin, then the project in editable mode without
+build isolation (so csrc/ compiles against that torch)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ def _makefile_torch() -> str:
 def test_dockerfile_installs_like_the_makefile(image, extra):
     text = IMAGES[image].read_text()
     makefile = (REPO / "Makefile").read_text()
-    # The Makefile's order: the pinned torch, then `pip install -e '.[extras]'`.
+    # The Makefile's order: the pinned torch, then `pip install --no-build-isolation -e
+    # '.[extras]'` (setup.py compiles csrc/ against that torch).
     assert "$(PY) -m pip install -q $(TORCH)" in makefile
-    assert re.search(r"\$\(PY\) -m pip install -q -e '\.\[dev\]'", makefile)
+    assert re.search(r"\$\(PY\) -m pip install -q --no-build-isolation -e '\.\[dev\]'", makefile)
     assert f"ARG TORCH={_makefile_torch()}\n" in text
     torch_at = text.index('pip install "${TORCH}"')
-    project = re.search(r"pip install (--no-build-isolation )?-e (\.|'\.\[(\w+)\]')\n", text)
+    project = re.search(r"pip install --no-build-isolation -e (\.|'\.\[(\w+)\]')\n", text)
     assert project, "the image does not install the project with pip install -e"
     assert torch_at < project.start()
-    assert (project.group(3) or "") == extra
-    for path in ("pyproject.toml", "realflow"):  # what `pip install -e .` needs
+    assert (project.group(2) or "") == extra
+    assert re.search(r"pip install [^\n]*\bsetuptools==", text), "setup.py needs setuptools"
+    for path in ("pyproject.toml", "setup.py", "csrc", "realflow"):  # what `pip install -e .` needs
         assert re.search(rf"^COPY .*\b{path}\b", text, re.M), path
 
 
