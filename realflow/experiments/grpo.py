@@ -221,6 +221,19 @@ class CriticFreeConfig(ExperimentConfig):
             roles["gen"] = ModelRole(self.actor, head="lm")
         return roles
 
+    def mfcs(self) -> list[MFCDef]:
+        """The graph grpo, rloo and reinforce_pp share (their actor interfaces differ; dapo adds
+        its sampling loop): actor_gen, rew_inf, ref_inf (with a KL term), actor_prox (with the
+        decoupled correction), actor_train."""
+        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
+        return [
+            actor_gen_node(self, impl, args),
+            reward_node(self),
+            *([ref_node(self, impl, args)] if kl else []),
+            *prox_nodes(self, impl, args),
+            actor_train_node(self, impl, args, kl),
+        ]
+
     def eval_mfcs(self) -> list[MFCDef]:
         return policy_eval_mfcs(self, self.actor_interface, self.actor_args())
 
@@ -259,13 +272,3 @@ class GRPOConfig(CriticFreeConfig):
     grpo: GRPOHyperparameters = dataclasses.field(default_factory=GRPOHyperparameters)
     hyperparameters_field = "grpo"
     actor_interface = "grpo_actor"
-
-    def mfcs(self) -> list[MFCDef]:
-        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
-        return [
-            actor_gen_node(self, impl, args),
-            reward_node(self),
-            *([ref_node(self, impl, args)] if kl else []),
-            *prox_nodes(self, impl, args),
-            actor_train_node(self, impl, args, kl),
-        ]

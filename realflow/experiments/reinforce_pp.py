@@ -12,16 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.grpo import (
     CriticFreeConfig,
     PolicyHyperparameters,
-    actor_gen_node,
-    actor_train_node,
-    prox_nodes,
 )
-from realflow.experiments.ppo import ref_node, reward_node
 
 
 @dataclasses.dataclass
@@ -59,13 +54,3 @@ class ReinforcePPConfig(CriticFreeConfig):
     )
     hyperparameters_field = "reinforce_pp"
     actor_interface = "reinforce_pp_actor"
-
-    def mfcs(self) -> list[MFCDef]:
-        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
-        return [
-            actor_gen_node(self, impl, args),
-            reward_node(self),
-            *([ref_node(self, impl, args)] if kl else []),
-            *prox_nodes(self, impl, args),
-            actor_train_node(self, impl, args, kl),
-        ]

@@ -10,16 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.config import field_
-from realflow.api.dfg import MFCDef
 from realflow.api.registry import EXPERIMENTS
 from realflow.experiments.grpo import (
     CriticFreeConfig,
     PolicyHyperparameters,
-    actor_gen_node,
-    actor_train_node,
-    prox_nodes,
 )
-from realflow.experiments.ppo import ref_node, reward_node
 
 
 @dataclasses.dataclass
@@ -48,13 +43,3 @@ class RLOOConfig(CriticFreeConfig):
     rloo: RLOOHyperparameters = dataclasses.field(default_factory=RLOOHyperparameters)
     hyperparameters_field = "rloo"
     actor_interface = "rloo_actor"
-
-    def mfcs(self) -> list[MFCDef]:
-        impl, args, kl = self.actor_interface, self.actor_args(), self.uses_ref()
-        return [
-            actor_gen_node(self, impl, args),
-            reward_node(self),
-            *([ref_node(self, impl, args)] if kl else []),
-            *prox_nodes(self, impl, args),
-            actor_train_node(self, impl, args, kl),
-        ]
