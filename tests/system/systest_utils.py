@@ -190,10 +190,17 @@ def without_time(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ppo_like_and_check(tmp_path: Any, spy: Spy, mode: str, steps: int = 3) -> None:
-    """Run the PPO-shaped toy graph with 0.2 s calls and check what its trace must show."""
+    """Run the PPO-shaped toy graph with 0.2 s calls (critic_train 0.4 s) and check what its
+    trace must show."""
     from realflow.system.toy_interfaces import ppo_like_nodes
 
-    cfg = toy_config(tmp_path, ppo_like_nodes(0.2), total_steps=steps, mode=mode)
+    # critic_train outlasts actor_train, so the next step's actor_gen (which waits only for
+    # actor_train) must start while it runs: equal sleeps made that overlap a race.
+    nodes = [
+        dataclasses.replace(n, sleep_s=0.4) if n.name == "critic_train" else n
+        for n in ppo_like_nodes(0.2)
+    ]
+    cfg = toy_config(tmp_path, nodes, total_steps=steps, mode=mode)
     result = runner.run("toy", cfg)
     assert [r["step"] for r in result.rows] == list(range(1, steps + 1))
     events, names = load_trace(str(tmp_path))
@@ -213,7 +220,7 @@ def run_ppo_like_and_check(tmp_path: Any, spy: Spy, mode: str, steps: int = 3) -
     for s in range(1, steps + 1):  # independent inference calls run at the same time
         rew, ref, val = (index[(n, s)] for n in ("rew_inf", "ref_inf", "critic_inf"))
         assert overlap(rew, ref) and overlap(ref, val) and overlap(rew, val), (rew, ref, val)
-    # Another model's train_step may overlap the next step's generation, and does here.
+    # Another model's train_step may overlap the next step's generation, and must here.
     assert any(
         overlap(index[("critic_train", s)], index[("actor_gen", s + 1)]) for s in range(1, steps)
     )
