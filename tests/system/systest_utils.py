@@ -190,14 +190,16 @@ def without_time(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ppo_like_and_check(tmp_path: Any, spy: Spy, mode: str, steps: int = 3) -> None:
-    """Run the PPO-shaped toy graph with 0.2 s calls (critic_train 0.4 s) and check what its
+    """Run the PPO-shaped toy graph with 0.2 s calls (critic_train 0.3 s) and check what its
     trace must show."""
     from realflow.system.toy_interfaces import ppo_like_nodes
 
-    # critic_train outlasts actor_train, so the next step's actor_gen (which waits only for
-    # actor_train) must start while it runs: equal sleeps made that overlap a race.
+    # critic_train (0.3 s) outlasts actor_train (0.2 s) by 0.1 s, so the next step's actor_gen
+    # (which waits only for actor_train) starts while it runs, and it ends 0.1 s before that
+    # actor_gen does, so the next critic_inf is ready with rew_inf and ref_inf: equal sleeps
+    # made the first overlap a race, 0.4 s the second.
     nodes = [
-        dataclasses.replace(n, sleep_s=0.4) if n.name == "critic_train" else n
+        dataclasses.replace(n, sleep_s=0.3) if n.name == "critic_train" else n
         for n in ppo_like_nodes(0.2)
     ]
     cfg = toy_config(tmp_path, nodes, total_steps=steps, mode=mode)
