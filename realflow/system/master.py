@@ -41,6 +41,10 @@ from typing import Any
 
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import DataflowGraph, MFCDef
+from realflow.experiments.allocation import MeshPlan
+from realflow.parallel.layout import Mesh
+from realflow.system.mesh import ReallocRequest, ReallocResult
+from realflow.system.mesh_data import dp_parts, merge_stats, plan_moves
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, MFCRequest, MFCResult, Transfer
 
@@ -63,6 +67,8 @@ class StepState:
     ids: list[Any] | None = None
     meta: dict[str, SequenceSample] = dataclasses.field(default_factory=dict)  # key -> meta
     holders: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # key -> workers
+    # key -> worker -> the ids of the key it holds (mesh MFCs split samples over dp ranks)
+    parts: dict[str, dict[int, set[Any]]] = dataclasses.field(default_factory=dict)
     consumers: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # key -> MFCs left
     missing: dict[str, int] = dataclasses.field(default_factory=dict)  # MFC -> input keys absent
     ready: set[str] = dataclasses.field(default_factory=set)  # all inputs exist, not launched
@@ -80,6 +86,17 @@ class StepState:
     loop_counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # MFC -> the stats of each of its rounds (every loop MFC reports their mean)
     loop_stats: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
+    # Mesh MFCs running: name -> the workers still running it and the results so far.
+    mesh_runs: dict[str, MeshRun] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MeshRun:
+    """One MFC running on the workers of its mesh: each dp rank computes on `parts[rank]`."""
+
+    parts: list[list[Any]]
+    left: set[int]
+    results: dict[int, MFCResult] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -106,8 +123,16 @@ class Master:
         fetch_payload: Callable[[int], Any] | None = None,
         weight_copies: dict[str, str] | None = None,
         max_staleness: int = 0,
+        mesh_plan: MeshPlan | None = None,
+        on_realloc: Callable[[ReallocResult], None] | None = None,
     ):
         self.dfg = dfg
+        # With a mesh allocation every MFC runs on the workers of its mesh (see `_try_mesh`);
+        # without one, on its role's worker (`placement`).
+        self.mesh_plan = mesh_plan
+        self.on_realloc = on_realloc or (lambda r: None)
+        self.model_version: dict[str, int] = {}  # trained role -> train steps done
+        self.copy_at: dict[tuple[str, str], int] = {}  # (role, mesh) -> version it holds
         self.transport = transport
         self.placement = placement
         self.data_worker = data_worker
@@ -175,6 +200,9 @@ class Master:
         self.last_step = last_step
         self.stopped = False
         self.copy_version = {c: first_step - 1 for c in self.copies}  # as saved with the step
+        self.model_version = {r: first_step - 1 for r in self.trainer_of}
+        if self.mesh_plan is not None:
+            self.copy_at = {(r, str(m)): first_step - 1 for r, m in self.mesh_plan.copies()}
         next_fetch = first_step
         last_end = time.time()
         while True:
@@ -247,6 +275,10 @@ class Master:
                 if not state.resolved and name not in self.loop:
                     continue  # runs on the samples the sampling loop keeps
                 mfc = self.by_name[name]
+                if self.mesh_plan is not None:
+                    if self._version_allows(mfc, state):
+                        self._try_mesh(mfc, state)
+                    continue
                 if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
                 sources = self._sources(mfc, state)
@@ -288,11 +320,92 @@ class Master:
         for t in transfers:
             self._submit(t.src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
             for key in t.meta.keys:
-                state.holders[key].add(dst)
+                self._hold(state, key, dst, t.meta.ids)
         req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers, state.round)
         self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
         state.ready.discard(mfc.name)
         state.running.add(mfc.name)
+
+    # ---- MFCs on meshes (mesh allocation) ---------------------------------------------------
+
+    def _try_mesh(self, mfc: MFCDef, state: StepState) -> None:
+        """Launch `mfc` on its mesh when every worker it needs is idle: the mesh's, those a
+        realloc before it involves, and those that send it inputs."""
+        mesh = self.mesh_plan.meshes[mfc.name]  # type: ignore[union-attr]
+        realloc = self._realloc_due(mfc, state.step)
+        needed = set(mesh.workers)
+        if realloc is not None:
+            needed |= set(self.mesh_plan.train_mesh[mfc.model_name].workers)  # type: ignore
+        if not all(self._idle(w) for w in needed):
+            return
+        inputs = _merge_meta([state.meta[k] for k in dict.fromkeys(mfc.input_keys)])
+        parts = dp_parts(inputs, mesh.layout.dp)
+        moves = plan_moves(mesh, parts, mfc.input_keys, state.parts, state.meta)
+        if self.transport_sends and not all(self._idle(src) for src, _, _ in moves):
+            return
+        if realloc is not None:
+            self._submit_realloc(realloc, mfc)
+        for src, dst, t in moves:
+            if src not in mesh:
+                self._submit(src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
+            for key in t.meta.keys:
+                self._hold(state, key, dst, t.meta.ids)
+        for w in mesh.workers:
+            mine = [(dst, t) for src, dst, t in moves if w in (src, dst)]
+            ids = parts[mesh.coords(w).dp]
+            if self.transport_sends:
+                req = MFCRequest(mfc.name, state.step, ids, [], state.round, mine)
+            else:  # read by reference (one-worker meshes only: mode=local)
+                req = MFCRequest(mfc.name, state.step, ids, [t for _, t in mine], state.round)
+            self._submit(w, Kind.MFC, req, state.step, mfc.name, busy=True)
+        state.mesh_runs[mfc.name] = MeshRun(parts, set(mesh.workers))
+        state.ready.discard(mfc.name)
+        state.running.add(mfc.name)
+
+    def _realloc_due(self, mfc: MFCDef, step: int) -> ReallocRequest | None:
+        """The realloc to run before `mfc`: its mesh holds an older version of its model's
+        weights than the training copy (which train_steps update in place)."""
+        assert self.mesh_plan is not None
+        role = mfc.model_name
+        src = self.mesh_plan.train_mesh.get(role)
+        dst = self.mesh_plan.meshes[mfc.name]
+        if src is None or dst == src:
+            return None
+        latest = self.model_version[role]
+        if self.copy_at[(role, str(dst))] >= latest:
+            return None
+        # The source is the training copy, which stays (release_src=False).
+        return ReallocRequest(role, str(src), str(dst), step, latest, release_src=False)
+
+    def _submit_realloc(self, req: ReallocRequest, mfc: MFCDef) -> None:
+        """Queue the realloc on every worker of both meshes, before anything else of `mfc`."""
+        src, dst = Mesh.parse(req.src), Mesh.parse(req.dst)
+        for w in sorted(set(src.workers) | set(dst.workers)):
+            self._submit(w, Kind.REALLOC, req, req.step, mfc.name, busy=True)
+        self.copy_at[(req.role, req.dst)] = req.version  # later calls there run after it
+
+    def _on_mesh_result(self, state: StepState, call: Call, result: MFCResult) -> None:
+        """One worker's part of a mesh MFC; the last one finishes the MFC: the outputs of each
+        dp rank (from its tp rank 0 of the last stage) and the dp ranks' stats merged."""
+        self.on_call(result)
+        run = state.mesh_runs[result.mfc]
+        run.left.discard(call.worker)
+        run.results[call.worker] = result
+        if run.left:
+            return
+        del state.mesh_runs[result.mfc]
+        mesh = self.mesh_plan.meshes[result.mfc]  # type: ignore[union-attr]
+        lay = mesh.layout
+        heads = [mesh.worker(d, 0, lay.pp - 1) for d in range(lay.dp)]
+        stats = merge_stats([run.results[w].stats for w in heads], [len(p) for p in run.parts])
+        outputs = [(w, run.results[w].meta) for w in heads if run.results[w].meta is not None]
+        end = max(r.end for r in run.results.values())
+        self._finish_mfc(state, self.by_name[result.mfc], stats, end, outputs, call)
+
+    def _hold(self, state: StepState, key: str, worker: int, ids: list[Any]) -> None:
+        """Worker `worker` now holds samples `ids` of `key` too."""
+        state.holders[key].add(worker)
+        state.parts[key].setdefault(worker, set()).update(ids)
 
     def _submit(
         self, worker: int, kind: Kind, payload: Any, step: int, mfc: str | None, busy: bool
@@ -362,26 +475,18 @@ class Master:
             state.ids = list(meta.ids)
             for key in meta.keys:
                 self._add_key(state, key, meta.select([key]), call.worker)
+        elif call.kind == Kind.MFC and self.mesh_plan is not None:
+            assert state is not None
+            self._on_mesh_result(state, call, value)
         elif call.kind == Kind.MFC:
             assert state is not None
             result: MFCResult = value
             self.on_call(result)
             mfc = self.by_name[result.mfc]
-            state.running.discard(mfc.name)
-            state.done.add(mfc.name)
-            state.stats[mfc.name] = result.stats
-            state.end = max(state.end, result.end)
-            if mfc.name in self.loop:
-                state.loop_stats.setdefault(mfc.name, []).append(result.stats)
-            if result.meta is not None:
-                for key in result.meta.keys:
-                    self._add_key(state, key, result.meta.select([key]), call.worker)
-            self._release_inputs(state, mfc)
-            if mfc is self.filter:
-                self._after_filter(state, result)
-            if mfc.is_train and self.copies_of.get(mfc.model_name):
-                source = mfc.model_name
-                self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)
+            outputs = [(call.worker, result.meta)] if result.meta is not None else []
+            self._finish_mfc(state, mfc, result.stats, result.end, outputs, call, result)
+        elif call.kind == Kind.REALLOC:
+            self.on_realloc(value)
         elif call.kind == Kind.GET_WEIGHTS:
             version, weights = value
             assert call.mfc is not None
@@ -391,10 +496,47 @@ class Master:
                 self._submit(worker, Kind.SET_WEIGHTS, payload, call.step, call.mfc, True)
                 self.copy_version[copy] = version  # every later call on the copy reads it
 
+    def _finish_mfc(
+        self,
+        state: StepState,
+        mfc: MFCDef,
+        stats: dict[str, float],
+        end: float,
+        outputs: list[tuple[int, SequenceSample]],
+        call: Call,
+        result: MFCResult | None = None,
+    ) -> None:
+        """An MFC is done: its stats, its outputs (worker, meta) in sample order, its inputs
+        released, and what its end enables."""
+        state.running.discard(mfc.name)
+        state.done.add(mfc.name)
+        state.stats[mfc.name] = stats
+        state.end = max(state.end, end)
+        if mfc.name in self.loop:
+            state.loop_stats.setdefault(mfc.name, []).append(stats)
+        if outputs:
+            merged = SequenceSample.gather([m for _, m in outputs]) if len(outputs) > 1 else None
+            for key in outputs[0][1].keys:
+                meta = (merged or outputs[0][1]).select([key])
+                self._add_key(state, key, meta, outputs[0][0])
+                for w, part in outputs[1:]:
+                    self._hold(state, key, w, part.ids)
+                state.parts[key][outputs[0][0]] = set(outputs[0][1].ids)
+        self._release_inputs(state, mfc)
+        if mfc is self.filter:
+            assert result is not None
+            self._after_filter(state, result)
+        if mfc.is_train:
+            self.model_version[mfc.model_name] += 1
+        if mfc.is_train and self.copies_of.get(mfc.model_name):
+            source = mfc.model_name
+            self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)
+
     def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
         first = key not in state.meta
         state.meta[key] = meta
         state.holders[key] = {worker}
+        state.parts[key] = {worker: set(meta.ids)}
         state.producer[key] = worker
         state.consumers[key] = set(self.readers[key])
         for name in self.readers[key] if first else ():
@@ -462,6 +604,7 @@ class Master:
                 if ids:
                     self.pending_frees[w].append((ids, [key]))
             state.holders[key] = {producer}
+            state.parts[key] = {producer: state.parts[key].get(producer, set())}
         if keep:
             rows = [i for i, sample_id in enumerate(round_ids) if sample_id in kept]
             for key, meta in state.meta.items():
@@ -498,6 +641,7 @@ class Master:
             for w in state.holders.pop(key, set()):
                 by_worker.setdefault(w, []).append(key)
             state.consumers.pop(key, None)
+            state.parts.pop(key, None)
         for w, ks in sorted(by_worker.items()):
             self.pending_frees[w].append((list(state.ids or []), ks))
 
