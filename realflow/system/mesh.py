@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 WIRE_DTYPE = torch.float32
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ReallocRequest:
     """Move `role`'s weights (parameter version `version`) from mesh `src` to mesh `dst`; every
     worker of either mesh runs it. `release_src` frees the source copy afterwards."""
