@@ -42,9 +42,8 @@ from typing import Any
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import DataflowGraph, MFCDef
 from realflow.experiments.allocation import MeshPlan
-from realflow.parallel.layout import Mesh
-from realflow.system.mesh import ReallocRequest, ReallocResult
-from realflow.system.mesh_data import dp_parts, merge_stats, plan_moves
+from realflow.system.mesh import ReallocResult
+from realflow.system.mesh_dispatch import MeshDispatch, MeshRun
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, MFCRequest, MFCResult, Transfer
 
@@ -91,15 +90,6 @@ class StepState:
 
 
 @dataclasses.dataclass
-class MeshRun:
-    """One MFC running on the workers of its mesh: each dp rank computes on `parts[rank]`."""
-
-    parts: list[list[Any]]
-    left: set[int]
-    results: dict[int, MFCResult] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
 class Call:
     kind: Kind
     worker: int
@@ -127,12 +117,9 @@ class Master:
         on_realloc: Callable[[ReallocResult], None] | None = None,
     ):
         self.dfg = dfg
-        # With a mesh allocation every MFC runs on the workers of its mesh (see `_try_mesh`);
+        # With a mesh allocation every MFC runs on the workers of its mesh (MeshDispatch);
         # without one, on its role's worker (`placement`).
-        self.mesh_plan = mesh_plan
-        self.on_realloc = on_realloc or (lambda r: None)
-        self.model_version: dict[str, int] = {}  # trained role -> train steps done
-        self.copy_at: dict[tuple[str, str], int] = {}  # (role, mesh) -> version it holds
+        self.meshes = MeshDispatch(self, mesh_plan, on_realloc) if mesh_plan else None
         self.transport = transport
         self.placement = placement
         self.data_worker = data_worker
@@ -200,9 +187,8 @@ class Master:
         self.last_step = last_step
         self.stopped = False
         self.copy_version = {c: first_step - 1 for c in self.copies}  # as saved with the step
-        self.model_version = {r: first_step - 1 for r in self.trainer_of}
-        if self.mesh_plan is not None:
-            self.copy_at = {(r, str(m)): first_step - 1 for r, m in self.mesh_plan.copies()}
+        if self.meshes is not None:
+            self.meshes.start(first_step)
         next_fetch = first_step
         last_end = time.time()
         while True:
@@ -275,9 +261,9 @@ class Master:
                 if not state.resolved and name not in self.loop:
                     continue  # runs on the samples the sampling loop keeps
                 mfc = self.by_name[name]
-                if self.mesh_plan is not None:
+                if self.meshes is not None:
                     if self._version_allows(mfc, state):
-                        self._try_mesh(mfc, state)
+                        self.meshes.try_launch(mfc, state)
                     continue
                 if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
@@ -325,82 +311,6 @@ class Master:
         self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
         state.ready.discard(mfc.name)
         state.running.add(mfc.name)
-
-    # ---- MFCs on meshes (mesh allocation) ---------------------------------------------------
-
-    def _try_mesh(self, mfc: MFCDef, state: StepState) -> None:
-        """Launch `mfc` on its mesh when every worker it needs is idle: the mesh's, those a
-        realloc before it involves, and those that send it inputs."""
-        mesh = self.mesh_plan.meshes[mfc.name]  # type: ignore[union-attr]
-        realloc = self._realloc_due(mfc, state.step)
-        needed = set(mesh.workers)
-        if realloc is not None:
-            needed |= set(self.mesh_plan.train_mesh[mfc.model_name].workers)  # type: ignore
-        if not all(self._idle(w) for w in needed):
-            return
-        inputs = _merge_meta([state.meta[k] for k in dict.fromkeys(mfc.input_keys)])
-        parts = dp_parts(inputs, mesh.layout.dp)
-        moves = plan_moves(mesh, parts, mfc.input_keys, state.parts, state.meta)
-        if self.transport_sends and not all(self._idle(src) for src, _, _ in moves):
-            return
-        if realloc is not None:
-            self._submit_realloc(realloc, mfc)
-        for src, dst, t in moves:
-            if src not in mesh:
-                self._submit(src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
-            for key in t.meta.keys:
-                self._hold(state, key, dst, t.meta.ids)
-        for w in mesh.workers:
-            mine = [(dst, t) for src, dst, t in moves if w in (src, dst)]
-            ids = parts[mesh.coords(w).dp]
-            if self.transport_sends:
-                req = MFCRequest(mfc.name, state.step, ids, [], state.round, mine)
-            else:  # read by reference (one-worker meshes only: mode=local)
-                req = MFCRequest(mfc.name, state.step, ids, [t for _, t in mine], state.round)
-            self._submit(w, Kind.MFC, req, state.step, mfc.name, busy=True)
-        state.mesh_runs[mfc.name] = MeshRun(parts, set(mesh.workers))
-        state.ready.discard(mfc.name)
-        state.running.add(mfc.name)
-
-    def _realloc_due(self, mfc: MFCDef, step: int) -> ReallocRequest | None:
-        """The realloc to run before `mfc`: its mesh holds an older version of its model's
-        weights than the training copy (which train_steps update in place)."""
-        assert self.mesh_plan is not None
-        role = mfc.model_name
-        src = self.mesh_plan.train_mesh.get(role)
-        dst = self.mesh_plan.meshes[mfc.name]
-        if src is None or dst == src:
-            return None
-        latest = self.model_version[role]
-        if self.copy_at[(role, str(dst))] >= latest:
-            return None
-        # The source is the training copy, which stays (release_src=False).
-        return ReallocRequest(role, str(src), str(dst), step, latest, release_src=False)
-
-    def _submit_realloc(self, req: ReallocRequest, mfc: MFCDef) -> None:
-        """Queue the realloc on every worker of both meshes, before anything else of `mfc`."""
-        src, dst = Mesh.parse(req.src), Mesh.parse(req.dst)
-        for w in sorted(set(src.workers) | set(dst.workers)):
-            self._submit(w, Kind.REALLOC, req, req.step, mfc.name, busy=True)
-        self.copy_at[(req.role, req.dst)] = req.version  # later calls there run after it
-
-    def _on_mesh_result(self, state: StepState, call: Call, result: MFCResult) -> None:
-        """One worker's part of a mesh MFC; the last one finishes the MFC: the outputs of each
-        dp rank (from its tp rank 0 of the last stage) and the dp ranks' stats merged."""
-        self.on_call(result)
-        run = state.mesh_runs[result.mfc]
-        run.left.discard(call.worker)
-        run.results[call.worker] = result
-        if run.left:
-            return
-        del state.mesh_runs[result.mfc]
-        mesh = self.mesh_plan.meshes[result.mfc]  # type: ignore[union-attr]
-        lay = mesh.layout
-        heads = [mesh.worker(d, 0, lay.pp - 1) for d in range(lay.dp)]
-        stats = merge_stats([run.results[w].stats for w in heads], [len(p) for p in run.parts])
-        outputs = [(w, run.results[w].meta) for w in heads if run.results[w].meta is not None]
-        end = max(r.end for r in run.results.values())
-        self._finish_mfc(state, self.by_name[result.mfc], stats, end, outputs, call)
 
     def _hold(self, state: StepState, key: str, worker: int, ids: list[Any]) -> None:
         """Worker `worker` now holds samples `ids` of `key` too."""
@@ -475,9 +385,9 @@ class Master:
             state.ids = list(meta.ids)
             for key in meta.keys:
                 self._add_key(state, key, meta.select([key]), call.worker)
-        elif call.kind == Kind.MFC and self.mesh_plan is not None:
+        elif call.kind == Kind.MFC and self.meshes is not None:
             assert state is not None
-            self._on_mesh_result(state, call, value)
+            self.meshes.on_result(state, call, value)
         elif call.kind == Kind.MFC:
             assert state is not None
             result: MFCResult = value
@@ -486,7 +396,8 @@ class Master:
             outputs = [(call.worker, result.meta)] if result.meta is not None else []
             self._finish_mfc(state, mfc, result.stats, result.end, outputs, call, result)
         elif call.kind == Kind.REALLOC:
-            self.on_realloc(value)
+            assert self.meshes is not None
+            self.meshes.on_realloc(value)
         elif call.kind == Kind.GET_WEIGHTS:
             version, weights = value
             assert call.mfc is not None
@@ -526,8 +437,6 @@ class Master:
         if mfc is self.filter:
             assert result is not None
             self._after_filter(state, result)
-        if mfc.is_train:
-            self.model_version[mfc.model_name] += 1
         if mfc.is_train and self.copies_of.get(mfc.model_name):
             source = mfc.model_name
             self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)

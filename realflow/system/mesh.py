@@ -167,7 +167,11 @@ class MeshCopies:
         from realflow.parallel.groups import MeshGroups
 
         for mesh in self.plan.mesh_order():
-            self.groups[mesh] = MeshGroups.build(mesh)
+            if torch.distributed.is_initialized():
+                self.groups[mesh] = MeshGroups.build(mesh)
+            else:  # mode=local: one-worker meshes only (validated), no process group
+                coords = mesh.coords(self.worker) if self.worker in mesh else None
+                self.groups[mesh] = MeshGroups(mesh, self.worker, coords)
         roles = cfg.roles()
         moving = {r for r, _, _ in self.plan.reallocs()}
         per_role: dict[str, Model] = {}

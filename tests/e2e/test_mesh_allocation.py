@@ -14,8 +14,6 @@ from e2e_utils import read_metrics, saved_state, tiny_config
 
 from realflow.system.runner import run
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
-
 MESH = [
     "mode=ray",
     "allocation.actor_train=d2t1p1@0-1",
@@ -34,6 +32,22 @@ def trace_events(output_dir: str) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e["ph"] == "X"]
 
 
+@pytest.mark.slow  # two SFT runs: ~15-25 s here
+def test_one_worker_meshes_in_mode_local_run_like_worker_indices(tmp_path):
+    """MFC-level entries that keep each role on one worker change nothing: same metrics."""
+    args = ["actor.path=builtin:tiny", "n_seqs=4"]
+    plain = run("sft", tiny_config("sft", tmp_path / "plain", *args, "allocation.actor=0"))
+    mesh = run(
+        "sft", tiny_config("sft", tmp_path / "mesh", *args, "allocation.actor_train=d1t1p1@0")
+    )
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]  # noqa: E731
+    assert strip(read_metrics(mesh.output_dir)) == strip(read_metrics(plain.output_dir))
+    assert len(plain.rows) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ppo_on_meshes_matches_one_worker_per_role_and_reallocates(tmp_path, reverse_sft):
     pytest.importorskip("ray")
     base_run = run("ppo", tiny_config("ppo", tmp_path / "base", *EXACT))

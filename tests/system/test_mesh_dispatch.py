@@ -10,7 +10,7 @@ import torch
 
 from realflow.api.data import SequenceSample
 from realflow.parallel.layout import Mesh
-from realflow.system.mesh_data import dp_parts, merge_stats, plan_moves
+from realflow.system.mesh_dispatch import dp_parts, merge_stats, plan_moves
 
 
 def meta(ids: list[int], lengths: list[int], key: str = "ids") -> SequenceSample:
