@@ -205,6 +205,12 @@ class MeshCopies:
         mesh = self.plan.train_mesh.get(role)
         return mesh is not None and mesh.workers[0] == self.worker
 
+    def release(self, mfc: str) -> None:
+        """Free the weights of the copy `mfc` runs on (not the training copy's: it is kept)."""
+        key = (self.plan.roles[mfc], self.plan.meshes[mfc])
+        assert self.plan.train_mesh.get(key[0]) != key[1], f"{mfc}: the training copy stays"
+        self.flats[key].release()
+
     def versions(self) -> dict[str, int]:
         return {f"{r}@{m}": model.version for (r, m), model in self.models.items()}
 

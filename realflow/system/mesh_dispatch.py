@@ -81,11 +81,12 @@ class MeshDispatch:
                 master._submit(src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
             for key in t.meta.keys:
                 master._hold(state, key, dst, t.meta.ids)
+        release = self.releases_after(mfc, state)
         for w in mesh.workers:
             mine = [(dst, t) for src, dst, t in moves if w in (src, dst)]
             ids = parts[mesh.coords(w).dp]
             if master.transport_sends:
-                req = MFCRequest(mfc.name, state.step, ids, [], state.round, mine)
+                req = MFCRequest(mfc.name, state.step, ids, [], state.round, mine, release)
             else:  # read by reference (one-worker meshes only: mode=local)
                 req = MFCRequest(mfc.name, state.step, ids, [t for _, t in mine], state.round)
             master._submit(w, Kind.MFC, req, state.step, mfc.name, busy=True)
@@ -106,6 +107,19 @@ class MeshDispatch:
             return None
         # The source is the training copy, which stays (release_src=False).
         return ReallocRequest(role, str(src), str(dst), step, latest, release_src=False)
+
+    def releases_after(self, mfc: MFCDef, state: StepState) -> bool:
+        """Whether `mfc` is the step's last call on a copy that a realloc fills: its weights
+        are then freed after it (the training copy is never freed). Its next call, in a later
+        step, comes after a train_step, so a realloc allocates and fills it again."""
+        role, mesh = mfc.model_name, self.plan.meshes[mfc.name]
+        if self.plan.train_mesh.get(role, mesh) == mesh:
+            return False
+        same_copy = [
+            n for n, m in self.plan.meshes.items() if m == mesh and self.plan.roles[n] == role
+        ]
+        launched = state.done | state.running | {mfc.name}
+        return all(n in launched for n in same_copy)
 
     def _submit_realloc(self, req: ReallocRequest, mfc: MFCDef) -> None:
         """Queue the realloc on every worker of both meshes, before anything else of `mfc`."""

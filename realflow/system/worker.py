@@ -84,6 +84,9 @@ class MFCRequest:
     # Mesh MFCs: (dst, transfer) sends and receives this worker takes part in, in the order the
     # master gave every worker (one global order, so no pair of workers waits on each other).
     moves: list[tuple[int, Transfer]] = dataclasses.field(default_factory=list)
+    # Mesh MFCs: free this copy's weights after the call (its last call of the step on a copy
+    # that is not the training copy; the next realloc allocates them again).
+    release_after: bool = False
 
 
 @dataclasses.dataclass
@@ -399,6 +402,9 @@ class ModelWorker:
         finally:
             if offload:
                 model.module.offload()
+        if req.release_after:
+            assert self.mesh is not None
+            self.mesh.release(mfc.name)
         end = time.time()
         return MFCResult(
             mfc.name,

@@ -115,6 +115,10 @@ def test_realloc_runs_before_each_generation_on_a_stale_mesh_and_only_then():
         gen_at = dict((s, i) for i, s in gens)[step]
         assert max(trains[: 2 * (step - 1)]) < min(i for i, _, _ in mine)
         assert max(i for i, _, _ in mine) < gen_at
+    # The generation copy is freed after each generation (a realloc fills it again before the
+    # next); the training copy never is.
+    calls = [p for w, k, p in log if k == Kind.MFC]
+    assert {(p.mfc, p.release_after) for p in calls} == {("gen", True), ("train", False)}
     # Each generation read the version of the step before it.
     assert transport.read["gen"] == [(1, 0), (2, 1), (3, 2)]
     assert transport.read["train"] == [(1, 0), (1, 0), (2, 1), (2, 1), (3, 2), (3, 2)]
