@@ -1,5 +1,5 @@
 """PPO with a mesh allocation in mode=ray: actor_train on two data-parallel workers, actor_gen on
-a third, ref / critic / reward on a fourth. Its first step must match the run with one worker per
+a third, critic / reward on a fourth, ref data-parallel over the third and the fourth. Its first step must match the run with one worker per
 role, the trace must show the realloc of the trained actor to the generation worker before each
 later generation, and the generation copy must then hold the trained weights."""
 
@@ -18,7 +18,7 @@ MESH = [
     "mode=ray",
     "allocation.actor_train=d2t1p1@0-1",
     "allocation.actor_gen=d1t1p1@2",
-    "allocation.ref=3",
+    "allocation.ref=d2t1p1@2-3",  # two dp ranks, whose outputs actor_train reads in parts
     "allocation.critic=3",
     "allocation.rew=3",
 ]
@@ -58,7 +58,7 @@ def test_ppo_on_meshes_matches_one_worker_per_role_and_reallocates(tmp_path, rev
     first, ref = rows[0], base[0]
     # Generation, rewards, ref and critic run as before on step 1: the same numbers.
     for key in ref:
-        if key.startswith(("actor_gen/", "critic_train/", "actor_train/reward/")):
+        if key.startswith(("actor_gen/", "critic_train/", "actor_train/reward/", "ref_inf/")):
             assert first[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
     # The dp=2 train step: gradients averaged over the dp group with the token-weighted loss
     # give the single worker's global gradient (its norm, before clipping).
@@ -84,6 +84,13 @@ def test_ppo_on_meshes_matches_one_worker_per_role_and_reallocates(tmp_path, rev
     assert gen2["ts"] >= max(e["ts"] + e["dur"] for e in reallocs if e["tid"] == 2) - 1.0
     train = [e for e in events if e["name"] == "actor_train"]
     assert sorted((e["tid"], e["args"]["step"]) for e in train) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    ref_inf = [e for e in events if e["name"] == "ref_inf"]
+    assert sorted((e["tid"], e["args"]["step"]) for e in ref_inf) == [
+        (2, 1),
+        (2, 2),
+        (3, 1),
+        (3, 2),
+    ]
     # Step 2 generated with the weights actor_train made at step 1: the training copy computes
     # the generation's log-probs again (one minibatch, before any update) and finds ratio 1.
     assert rows[1]["actor_train/importance_ratio_max"] == pytest.approx(1.0, abs=1e-4)
