@@ -55,9 +55,17 @@ class MeshDispatch:
         self.copy_at: dict[tuple[str, str], int] = {}  # (role, mesh) -> version it holds
 
     def start(self, first_step: int) -> None:
-        """Every copy holds the weights of step first_step - 1 (built, or loaded on resume)."""
+        """Training copies hold the weights of step first_step - 1 (built, or restored on
+        resume with their fp32 masters). The other copies of a trained role are built from the
+        same weights on a fresh start; on resume they are filled by a realloc before their
+        first call (a checkpoint saved in a lower dtype is not the masters)."""
         self.model_version = {r: first_step - 1 for r in self.plan.train_mesh}
-        self.copy_at = {(r, str(m)): first_step - 1 for r, m in self.plan.copies()}
+        self.copy_at = {
+            (r, str(m)): first_step - 1
+            if first_step == 1 or self.plan.train_mesh.get(r, m) == m
+            else -1
+            for r, m in self.plan.copies()
+        }
 
     def try_launch(self, mfc: MFCDef, state: StepState) -> None:
         """Launch `mfc` on its mesh when every worker it needs is idle: the mesh's, those a

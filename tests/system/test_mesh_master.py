@@ -75,7 +75,7 @@ def node(name, kind, inputs, outputs=()):
     return MFCDef(name, "actor", kind, InterfaceSpec("x"), N, inputs, outputs)
 
 
-def run_master(steps: int) -> tuple[RecordingTransport, dict[int, dict]]:
+def run_master(steps: int, first: int = 1) -> tuple[RecordingTransport, dict[int, dict]]:
     mfcs = [
         node("gen", "generate", ("prompt",), ("seq",)),
         node("train", "train_step", ("seq",)),
@@ -90,8 +90,10 @@ def run_master(steps: int) -> tuple[RecordingTransport, dict[int, dict]]:
     reallocs: list[ReallocResult] = []
     master = Master(dfg, transport, {"actor": 2}, 2, mesh_plan=plan, on_realloc=reallocs.append)  # type: ignore[arg-type]
     rows: dict[int, dict] = {}
-    master.run(1, steps, lambda s, stats, _: rows.__setitem__(s, stats), lambda s: False, None)
-    assert len(reallocs) == 3 * (steps - 1)  # every worker of both meshes reported its part
+    if first > 1:  # resumed: the copies hold the checkpoint's version
+        transport.versions = {("actor", "d2t1p1@0-1"): first - 1, ("actor", "d1t1p1@2"): first - 1}
+    master.run(first, steps, lambda s, stats, _: rows.__setitem__(s, stats), lambda s: False, None)
+    assert len(reallocs) == 3 * (steps - max(first, 2) + 1)  # every worker of both meshes
     return transport, rows
 
 
@@ -136,3 +138,12 @@ def test_a_dp_mesh_gets_token_balanced_parts_and_its_stats_merge():
         assert [(dst, t.src, list(t.meta.ids)) for dst, t in p.moves] == [(w, 2, p.ids)]
     # stats: sample-weighted over the dp ranks (n: 1 and 5 samples; worker: 0 and 1)
     assert rows[1]["train"] == {"n": (1 * 1 + 5 * 5) / 6, "worker": (0 * 1 + 1 * 5) / 6}
+
+
+def test_a_resumed_run_fills_the_generation_copy_from_the_training_copy_first():
+    # The generation copy was rebuilt from the saved HF weights, which may be of a lower dtype
+    # than the training copy's restored fp32 masters: the first generation reallocates.
+    transport, _ = run_master(4, first=3)
+    reallocs = [p for w, k, p in transport.log if k == Kind.REALLOC]
+    assert sorted({(p.step, p.version) for p in reallocs}) == [(3, 2), (4, 3)]
+    assert transport.read["gen"] == [(3, 2), (4, 3)]
