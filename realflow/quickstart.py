@@ -23,6 +23,7 @@ from realflow.api.config import (
 from realflow.api.dfg import DFGError
 from realflow.api.registry import EXPERIMENTS, RegistryError, closest, load_plugins
 from realflow.api.tracebacks import user_frames
+from realflow.experiments.allocation import mesh_plan, uses_meshes
 
 USAGE = """usage: python -m realflow.quickstart EXPERIMENT [key=value ...] [--config FILE.yaml]
                                    [--dry-run [--json]] [--help]
@@ -138,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"config": to_dict(cfg), "dfg": dfg.to_json()}, indent=2))
         else:
             print(f"experiment: {name}\nconfig:\n{_yaml(cfg)}\ndataflow graph:\n{dfg.summary()}")
+            if uses_meshes(cfg.allocation):
+                from realflow.system.mesh import describe_allocation
+
+                print(f"allocation:\n{describe_allocation(cfg, mesh_plan(cfg, dfg.mfcs))}")
         return 0
     from realflow.system.runner import run_experiment
 

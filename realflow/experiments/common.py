@@ -30,6 +30,7 @@ from realflow.engines.config import (
     adapter_problems,
     adapter_spec,
 )
+from realflow.experiments.allocation import mesh_problems, uses_meshes
 
 
 @dataclasses.dataclass
@@ -233,8 +234,11 @@ class ExperimentConfig:
         False, "Start over in an output_dir holding a run: delete its metrics and checkpoints."
     )
     mfc_timeout_s: float = field_(0.0, "Fail a model call that runs longer (0: no limit).", ge=0.0)
-    allocation: dict[str, int] = field_(
-        {}, "Role -> worker index; roles on one index share a worker. Empty: a worker per role."
+    allocation: dict[str, Any] = field_(
+        {},
+        "Role -> worker index (roles on one index share a worker), or MFC (or role) -> "
+        "<layout>@<workers> (e.g. allocation.actor_train=d2t1p1@0-1; docs/parallel.md). "
+        "Empty: a worker per role.",
     )
     plugins: list[str] = field_(
         [], "Python files or modules imported first (they register things)."
@@ -531,6 +535,8 @@ class ExperimentConfig:
         problems += self._base_of_problems()
         if not self.allocation:
             return problems
+        if uses_meshes(self.allocation):
+            return problems + mesh_problems(self, self.mfcs())
         roles = self.roles()  # only when needed: roles() may look up scorers (imports torch)
         for role in self.allocation:
             if role not in roles:

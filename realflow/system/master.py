@@ -41,6 +41,9 @@ from typing import Any
 
 from realflow.api.data import SequenceSample
 from realflow.api.dfg import DataflowGraph, MFCDef
+from realflow.experiments.allocation import MeshPlan
+from realflow.system.mesh import ReallocResult
+from realflow.system.mesh_dispatch import MeshDispatch, MeshRun
 from realflow.system.transport import Transport, WorkerFailure
 from realflow.system.worker import Kind, MFCRequest, MFCResult, Transfer
 
@@ -63,6 +66,8 @@ class StepState:
     ids: list[Any] | None = None
     meta: dict[str, SequenceSample] = dataclasses.field(default_factory=dict)  # key -> meta
     holders: dict[str, set[int]] = dataclasses.field(default_factory=dict)  # key -> workers
+    # key -> worker -> the ids of the key it holds (mesh MFCs split samples over dp ranks)
+    parts: dict[str, dict[int, set[Any]]] = dataclasses.field(default_factory=dict)
     consumers: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # key -> MFCs left
     missing: dict[str, int] = dataclasses.field(default_factory=dict)  # MFC -> input keys absent
     ready: set[str] = dataclasses.field(default_factory=set)  # all inputs exist, not launched
@@ -80,6 +85,8 @@ class StepState:
     loop_counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # MFC -> the stats of each of its rounds (every loop MFC reports their mean)
     loop_stats: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
+    # Mesh MFCs running: name -> the workers still running it and the results so far.
+    mesh_runs: dict[str, MeshRun] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -106,8 +113,13 @@ class Master:
         fetch_payload: Callable[[int], Any] | None = None,
         weight_copies: dict[str, str] | None = None,
         max_staleness: int = 0,
+        mesh_plan: MeshPlan | None = None,
+        on_realloc: Callable[[ReallocResult], None] | None = None,
     ):
         self.dfg = dfg
+        # With a mesh allocation every MFC runs on the workers of its mesh (MeshDispatch);
+        # without one, on its role's worker (`placement`).
+        self.meshes = MeshDispatch(self, mesh_plan, on_realloc) if mesh_plan else None
         self.transport = transport
         self.placement = placement
         self.data_worker = data_worker
@@ -175,6 +187,8 @@ class Master:
         self.last_step = last_step
         self.stopped = False
         self.copy_version = {c: first_step - 1 for c in self.copies}  # as saved with the step
+        if self.meshes is not None:
+            self.meshes.start(first_step)
         next_fetch = first_step
         last_end = time.time()
         while True:
@@ -247,6 +261,10 @@ class Master:
                 if not state.resolved and name not in self.loop:
                     continue  # runs on the samples the sampling loop keeps
                 mfc = self.by_name[name]
+                if self.meshes is not None:
+                    if self._version_allows(mfc, state):
+                        self.meshes.try_launch(mfc, state)
+                    continue
                 if not self._idle(self.worker_of(mfc)) or not self._version_allows(mfc, state):
                     continue
                 sources = self._sources(mfc, state)
@@ -288,11 +306,16 @@ class Master:
         for t in transfers:
             self._submit(t.src, Kind.SEND, (dst, t), state.step, mfc.name, busy=True)
             for key in t.meta.keys:
-                state.holders[key].add(dst)
+                self._hold(state, key, dst, t.meta.ids)
         req = MFCRequest(mfc.name, state.step, list(state.ids or []), transfers, state.round)
         self._submit(dst, Kind.MFC, req, state.step, mfc.name, busy=True)
         state.ready.discard(mfc.name)
         state.running.add(mfc.name)
+
+    def _hold(self, state: StepState, key: str, worker: int, ids: list[Any]) -> None:
+        """Worker `worker` now holds samples `ids` of `key` too."""
+        state.holders[key].add(worker)
+        state.parts[key].setdefault(worker, set()).update(ids)
 
     def _submit(
         self, worker: int, kind: Kind, payload: Any, step: int, mfc: str | None, busy: bool
@@ -362,26 +385,19 @@ class Master:
             state.ids = list(meta.ids)
             for key in meta.keys:
                 self._add_key(state, key, meta.select([key]), call.worker)
+        elif call.kind == Kind.MFC and self.meshes is not None:
+            assert state is not None
+            self.meshes.on_result(state, call, value)
         elif call.kind == Kind.MFC:
             assert state is not None
             result: MFCResult = value
             self.on_call(result)
             mfc = self.by_name[result.mfc]
-            state.running.discard(mfc.name)
-            state.done.add(mfc.name)
-            state.stats[mfc.name] = result.stats
-            state.end = max(state.end, result.end)
-            if mfc.name in self.loop:
-                state.loop_stats.setdefault(mfc.name, []).append(result.stats)
-            if result.meta is not None:
-                for key in result.meta.keys:
-                    self._add_key(state, key, result.meta.select([key]), call.worker)
-            self._release_inputs(state, mfc)
-            if mfc is self.filter:
-                self._after_filter(state, result)
-            if mfc.is_train and self.copies_of.get(mfc.model_name):
-                source = mfc.model_name
-                self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)
+            outputs = [(call.worker, result.meta)] if result.meta is not None else []
+            self._finish_mfc(state, mfc, result.stats, result.end, outputs, call, result)
+        elif call.kind == Kind.REALLOC:
+            assert self.meshes is not None
+            self.meshes.on_realloc(value)
         elif call.kind == Kind.GET_WEIGHTS:
             version, weights = value
             assert call.mfc is not None
@@ -391,10 +407,45 @@ class Master:
                 self._submit(worker, Kind.SET_WEIGHTS, payload, call.step, call.mfc, True)
                 self.copy_version[copy] = version  # every later call on the copy reads it
 
+    def _finish_mfc(
+        self,
+        state: StepState,
+        mfc: MFCDef,
+        stats: dict[str, float],
+        end: float,
+        outputs: list[tuple[int, SequenceSample]],
+        call: Call,
+        result: MFCResult | None = None,
+    ) -> None:
+        """An MFC is done: its stats, its outputs (worker, meta) in sample order, its inputs
+        released, and what its end enables."""
+        state.running.discard(mfc.name)
+        state.done.add(mfc.name)
+        state.stats[mfc.name] = stats
+        state.end = max(state.end, end)
+        if mfc.name in self.loop:
+            state.loop_stats.setdefault(mfc.name, []).append(stats)
+        if outputs:
+            merged = SequenceSample.gather([m for _, m in outputs]) if len(outputs) > 1 else None
+            for key in outputs[0][1].keys:
+                meta = (merged or outputs[0][1]).select([key])
+                self._add_key(state, key, meta, outputs[0][0])
+                for w, part in outputs[1:]:
+                    self._hold(state, key, w, part.ids)
+                state.parts[key][outputs[0][0]] = set(outputs[0][1].ids)
+        self._release_inputs(state, mfc)
+        if mfc is self.filter:
+            assert result is not None
+            self._after_filter(state, result)
+        if mfc.is_train and self.copies_of.get(mfc.model_name):
+            source = mfc.model_name
+            self._submit(call.worker, Kind.GET_WEIGHTS, source, call.step, mfc.name, True)
+
     def _add_key(self, state: StepState, key: str, meta: SequenceSample, worker: int) -> None:
         first = key not in state.meta
         state.meta[key] = meta
         state.holders[key] = {worker}
+        state.parts[key] = {worker: set(meta.ids)}
         state.producer[key] = worker
         state.consumers[key] = set(self.readers[key])
         for name in self.readers[key] if first else ():
@@ -462,6 +513,7 @@ class Master:
                 if ids:
                     self.pending_frees[w].append((ids, [key]))
             state.holders[key] = {producer}
+            state.parts[key] = {producer: state.parts[key].get(producer, set())}
         if keep:
             rows = [i for i, sample_id in enumerate(round_ids) if sample_id in kept]
             for key, meta in state.meta.items():
@@ -498,6 +550,7 @@ class Master:
             for w in state.holders.pop(key, set()):
                 by_worker.setdefault(w, []).append(key)
             state.consumers.pop(key, None)
+            state.parts.pop(key, None)
         for w, ks in sorted(by_worker.items()):
             self.pending_frees[w].append((list(state.ids or []), ks))
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from realflow.system.mesh import ReallocResult
 from realflow.system.worker import MFCResult
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,28 @@ class Tracer:
                     "n_seqs": n_seqs,
                     "store": result.store_size,
                     "version": result.version,
+                },
+            }
+        )
+
+    def record_realloc(self, result: ReallocResult) -> None:
+        """One worker's part of a realloc (named `realloc <role> <src> -> <dst>`) on its track;
+        args: the step it ran before, the parameter version it moved, and bytes moved."""
+        req = result.request
+        self._emit(
+            {
+                "name": req.name,
+                "ph": "X",
+                "pid": 0,
+                "tid": result.worker,
+                "ts": (result.start - self.t0) * 1e6,
+                "dur": (result.end - result.start) * 1e6,
+                "args": {
+                    "step": req.step,
+                    "moved_version": req.version,
+                    "sent_bytes": result.sent_bytes,
+                    "recv_bytes": result.recv_bytes,
+                    "local_bytes": result.local_bytes,
                 },
             }
         )

@@ -16,6 +16,7 @@ from realflow.api.config import ConfigError, to_dict
 from realflow.api.dfg import DataflowGraph, write_dfg_files
 from realflow.api.registry import absolute_plugin_specs
 from realflow.api.tracebacks import user_frames
+from realflow.experiments.allocation import mesh_plan, uses_meshes
 from realflow.experiments.common import ExperimentConfig
 from realflow.system.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
 from realflow.system.evaluation import Evaluation, batch_sizes, setup_info
@@ -43,8 +44,12 @@ class RunResult:
 
 def placement(cfg: ExperimentConfig, dfg: DataflowGraph) -> dict[str, int]:
     """Role -> worker index: `cfg.allocation`, or one worker per role in DFG order, except that
-    a role on another role's base weights (`<role>.base_of`) shares its owner's worker."""
+    a role on another role's base weights (`<role>.base_of`) shares its owner's worker. With a
+    mesh allocation: the first worker of the mesh of the role's first MFC (for logs)."""
     roles = list(dict.fromkeys(m.model_name for m in dfg.mfcs))
+    if uses_meshes(cfg.allocation):
+        meshes = mesh_plan(cfg, dfg.mfcs).meshes
+        return {m.model_name: meshes[m.name].workers[0] for m in reversed(dfg.mfcs)}
     if cfg.allocation:
         missing = [r for r in roles if r not in cfg.allocation]
         if missing:
@@ -64,6 +69,8 @@ def worker_specs(
     where: dict[str, int],
     eval_dfg: DataflowGraph | None = None,
 ) -> list[WorkerSpec]:
+    if uses_meshes(cfg.allocation):
+        return mesh_worker_specs(cfg, dfg)
     trained = {m.model_name for m in dfg.mfcs if m.is_train}
     source_role = dfg.mfc(dfg.sources()[0]).model_name
     n_workers = max(where.values()) + 1
@@ -80,6 +87,29 @@ def worker_specs(
                 mfcs=[m for m in all_mfcs if where.get(m.model_name) == w],
                 serves_dataset=where[source_role] == w,
                 total_train_steps=max(1, cfg.total_steps * cfg.optimizer_steps_per_train_call()),
+            )
+        )
+    return specs
+
+
+def mesh_worker_specs(cfg: ExperimentConfig, dfg: DataflowGraph) -> list[WorkerSpec]:
+    """A spec per worker of a mesh allocation: the MFCs whose mesh holds it, and their roles."""
+    plan = mesh_plan(cfg, dfg.mfcs)
+    data_worker = plan.meshes[dfg.sources()[0]].workers[0]
+    specs = []
+    for w in range(plan.n_workers):
+        names = plan.on_worker(w)
+        roles = list(dict.fromkeys(plan.roles[n] for n in names))
+        specs.append(
+            WorkerSpec(
+                index=w,
+                config=cfg,
+                roles=roles,
+                trained_roles=[r for r in roles if w in plan.train_mesh.get(r, ())],
+                mfcs=[m for m in dfg.mfcs if m.name in names],
+                serves_dataset=w == data_worker,
+                total_train_steps=max(1, cfg.total_steps * cfg.optimizer_steps_per_train_call()),
+                mesh_plan=plan,
             )
         )
     return specs
@@ -196,6 +226,10 @@ def _run_in_dir(name: str, cfg: ExperimentConfig, stop: Callable[[], bool] | Non
     dfg = cfg.dfg()
     run_cfg = resolve_builtin_models(cfg)
     check_roles(run_cfg)  # before any worker starts: models and tokenizers fit together
+    if uses_meshes(run_cfg.allocation):
+        from realflow.system.mesh import check_mesh_layouts
+
+        check_mesh_layouts(run_cfg, mesh_plan(run_cfg, dfg.mfcs))
     _write_run_files(cfg, dfg)
     first_step = 1
     # Rows of steps past the checkpoint run again (all of them when starting fresh).
@@ -340,6 +374,8 @@ class _Loop:
             on_call=lambda r: self.tracer.record(r, dfg.mfc(r.mfc).n_seqs),
             weight_copies=cfg.weight_copies(),
             max_staleness=cfg.max_staleness(),
+            mesh_plan=mesh_plan(cfg, dfg.mfcs) if uses_meshes(cfg.allocation) else None,
+            on_realloc=self.tracer.record_realloc,
         )
 
     def step_end(self, step: int, stats: dict[str, dict[str, float]], step_s: float) -> None:

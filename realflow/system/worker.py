@@ -22,7 +22,9 @@ from realflow.api.data import SequenceSample
 from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES, METRICS, load_plugins
+from realflow.experiments.allocation import MeshPlan
 from realflow.experiments.common import ExperimentConfig
+from realflow.system.mesh import MeshCopies, ReallocRequest, ReallocResult
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Kind(str, enum.Enum):
     STORE_SIZE = "store_size"  # number of (sample, key) entries held: for tests and leak checks
     GET_WEIGHTS = "get_weights"  # a copy of a role's weights and their version
     SET_WEIGHTS = "set_weights"  # load weights (and their version) into a copy role
+    REALLOC = "realloc"  # mesh allocations: move a role's weights between meshes (ReallocRequest)
 
 
 # Released data: a list of (sample ids, keys) to drop from a worker's store.
@@ -58,6 +61,9 @@ class WorkerSpec:
     # The device this worker computes on: 'cpu' or 'cuda:<i>', set by the transport from the
     # run's `device` key (realflow/system/devices.py).
     device: str = "cpu"
+    # A mesh allocation (realflow/experiments/allocation.py): the mesh of every MFC of the run.
+    # None: each role on one worker (`roles`), the behaviour without layouts.
+    mesh_plan: MeshPlan | None = None
 
 
 @dataclasses.dataclass
@@ -75,6 +81,12 @@ class MFCRequest:
     ids: list[Any]
     transfers: list[Transfer]
     round: int = 1  # the round of a sampling loop (see master.py): round r > 1 is seeded apart
+    # Mesh MFCs: (dst, transfer) sends and receives this worker takes part in, in the order the
+    # master gave every worker (one global order, so no pair of workers waits on each other).
+    moves: list[tuple[int, Transfer]] = dataclasses.field(default_factory=list)
+    # Mesh MFCs: free this copy's weights after the call (its last call of the step on a copy
+    # that is not the training copy; the next realloc allocates them again).
+    release_after: bool = False
 
 
 @dataclasses.dataclass
@@ -125,8 +137,10 @@ class ModelWorker:
             Kind.SEND: self.send,
             Kind.GET_WEIGHTS: self.get_weights,
             Kind.SET_WEIGHTS: self.set_weights,
+            Kind.REALLOC: self.realloc,
         }
         self.dp_group = None
+        self.mesh: MeshCopies | None = None  # with a mesh allocation
         self.offloaded: set[str] = set()
         self.metric_fns: list[tuple[str, Any]] = []
 
@@ -142,32 +156,17 @@ class ModelWorker:
     # ---- setup ------------------------------------------------------------------------------
 
     def setup(self, _: Any = None) -> dict[str, int]:
-        from realflow.system.models import build_model
-
         cfg = self.spec.config
         load_plugins(cfg.plugins)  # a Ray actor is a fresh process: users' registrations too
         self.metric_fns = [(n, METRICS.get(n)) for n in cfg.metrics]
         roles = cfg.roles()
-        if torch.distributed.is_initialized():
-            # Every rank creates every group, in the same order (a collective call). Each model
-            # lives on one worker for now, so its data-parallel group is this rank alone.
-            world = torch.distributed.get_world_size()
-            groups = [torch.distributed.new_group([r]) for r in range(world)]
-            self.dp_group = groups[torch.distributed.get_rank()]
-        torch.manual_seed(cfg.seed)
-        # A role on another role's base weights (`base_of`) is built after its owner.
-        for name in sorted(self.spec.roles, key=lambda r: bool(roles[r].config.base_of)):
-            owner = roles[name].config.base_of
-            self.models[name] = build_model(
-                name,
-                roles[name],
-                name in self.spec.trained_roles,
-                self.spec.total_train_steps,
-                cfg.seed,
-                self.dp_group,
-                device=torch.device(self.spec.device),
-                base_owner=self.models[owner] if owner else None,
-            )
+        if self.spec.mesh_plan is not None:
+            self.mesh = MeshCopies(self.index, self.spec.mesh_plan)
+            torch.manual_seed(cfg.seed)
+            device = torch.device(self.spec.device)
+            self.models = self.mesh.build(cfg, self.spec.total_train_steps, device)
+        else:
+            self._build_roles()
         # Roles with <role>.offload: weights (and optimizer state) leave the device between calls.
         self.offloaded = {
             n
@@ -185,6 +184,33 @@ class ModelWorker:
             rows = len(self.eval_loader.dataset) if self.eval_loader is not None else 0
             return {"eval_batches": self._eval_batches(), "eval_rows": rows}
         return {}
+
+    def _build_roles(self) -> None:
+        """Each role of this worker, whole, on this worker (no mesh allocation)."""
+        from realflow.system.models import build_model
+
+        cfg = self.spec.config
+        roles = cfg.roles()
+        if torch.distributed.is_initialized():
+            # Every rank creates every group, in the same order (a collective call). Each model
+            # lives on one worker here, so its data-parallel group is this rank alone.
+            world = torch.distributed.get_world_size()
+            groups = [torch.distributed.new_group([r]) for r in range(world)]
+            self.dp_group = groups[torch.distributed.get_rank()]
+        torch.manual_seed(cfg.seed)
+        # A role on another role's base weights (`base_of`) is built after its owner.
+        for name in sorted(self.spec.roles, key=lambda r: bool(roles[r].config.base_of)):
+            owner = roles[name].config.base_of
+            self.models[name] = build_model(
+                name,
+                roles[name],
+                name in self.spec.trained_roles,
+                self.spec.total_train_steps,
+                cfg.seed,
+                self.dp_group,
+                device=torch.device(self.spec.device),
+                base_owner=self.models[owner] if owner else None,
+            )
 
     def _setup_loader(self) -> None:
         from realflow.data.loader import DataLoader
@@ -297,6 +323,10 @@ class ModelWorker:
     def store_size(self, _: Any = None) -> int:
         return sum(len(held) for held in self.store.values())
 
+    def realloc(self, req: ReallocRequest) -> ReallocResult:
+        assert self.mesh is not None, "realloc needs a mesh allocation"
+        return self.mesh.realloc(req)
+
     # ---- weight copies ----------------------------------------------------------------------
 
     def get_weights(self, role: str) -> tuple[int, dict[str, torch.Tensor] | None]:
@@ -330,14 +360,34 @@ class ModelWorker:
         model = self.models.get(self.mfcs[mfc].model_name)
         return model is not None and model.module is not None
 
-    def run_mfc(self, req: MFCRequest) -> MFCResult:
-        start = time.time()
-        mfc = self.mfcs[req.mfc]
+    def model_of(self, mfc: str) -> Model:
+        """The model an MFC runs on here: its role's, or (mesh allocation) the copy on its mesh."""
+        if self.mesh is not None:
+            return self.mesh.model(mfc)
+        return self.models[self.mfcs[mfc].model_name]
+
+    def _move(self, req: MFCRequest) -> None:
+        """Fetch the MFC's inputs held elsewhere, and (mesh MFCs) send peers what they need."""
+        from realflow.system.p2p import send_sample
+
         for transfer in req.transfers:
             assert self.fetch_remote is not None
             self._put(self.fetch_remote(transfer))
+        for dst, transfer in req.moves:
+            if dst == self.index:
+                assert self.fetch_remote is not None
+                self._put(self.fetch_remote(transfer))
+            else:
+                meta = transfer.meta
+                data = self.local_data(meta.ids, sorted(meta.keys))
+                send_sample(data, dst, self.spec.device)
+
+    def run_mfc(self, req: MFCRequest) -> MFCResult:
+        start = time.time()
+        mfc = self.mfcs[req.mfc]
+        self._move(req)
         data = self.local_data(req.ids, list(mfc.input_keys)).remap_keys(mfc.input_key_remap)
-        model = self.models[mfc.model_name]
+        model = self.model_of(mfc.name)
         version = model.version
         interface = self.interfaces[mfc.name]
         device = getattr(model.module, "device", None) or "cpu"
@@ -352,6 +402,9 @@ class ModelWorker:
         finally:
             if offload:
                 model.module.offload()
+        if req.release_after:
+            assert self.mesh is not None
+            self.mesh.release(mfc.name)
         end = time.time()
         return MFCResult(
             mfc.name,
@@ -391,6 +444,8 @@ class ModelWorker:
                 f"keys {sorted(missing)} (returned {sorted(out.keys)})"
             )
         out = out.select(mfc.output_keys)
+        if self.mesh is not None and not self.mesh.keeps_outputs(mfc.name):
+            return {}, None  # a tp / pp peer: its dp rank's outputs are read elsewhere
         self._put(out)
         return self._metrics(mfc, model, data, out), out.meta()
 
@@ -416,6 +471,8 @@ class ModelWorker:
     def save(self, directory: str) -> None:
         """Write the HF directory of each trained role here, and this worker's state file."""
         for role in self.spec.trained_roles:
+            if self.mesh is not None and not self.mesh.saves(role):
+                continue  # another dp rank of the training mesh writes it
             if role in self.models:
                 train_mfc = next(m for m in self.spec.mfcs if m.model_name == role and m.is_train)
                 self.interfaces[train_mfc.name].save(
@@ -427,7 +484,11 @@ class ModelWorker:
                 for r in self.spec.trained_roles
                 if r in self.models and self.models[r].module is not None
             },
-            "versions": {r: m.version for r, m in self.models.items()},
+            "versions": (
+                self.mesh.versions()
+                if self.mesh is not None
+                else {r: m.version for r, m in self.models.items()}
+            ),
             "interfaces": {n: i.state_dict() for n, i in self.interfaces.items()},
             "loader": self.loader.state_dict() if self.loader is not None else None,
             "torch_rng": torch.get_rng_state(),
@@ -438,8 +499,11 @@ class ModelWorker:
         state = torch.load(os.path.join(directory, f"worker_{self.index}.pt"), weights_only=False)
         for role, engine_state in state["engines"].items():
             self.models[role].module.load_state_dict(engine_state)
-        for role, version in state["versions"].items():
-            self.models[role].version = version
+        if self.mesh is not None:
+            self.mesh.load_versions(state["versions"])
+        else:
+            for role, version in state["versions"].items():
+                self.models[role].version = version
         for name, s in state["interfaces"].items():
             self.interfaces[name].load_state_dict(s)
         if self.loader is not None and state["loader"] is not None:
