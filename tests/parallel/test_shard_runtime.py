@@ -8,7 +8,10 @@ interface on the whole model (each process builds it itself). Checked within 1e-
     mesh's first worker) loads back to the reference's weights;
   - ppo_actor / ppo_critic inference: log-probs and values;
   - ppo_actor greedy generate: the same answers and log-probs;
-  - build_shard_model on a role: the shard holds the role's (seeded) weights.
+  - build_shard_model on a role: the shard holds the role's (seeded) weights;
+  - realflow.algorithms' chunked log-probs and entropy with a VocabShard (several chunks,
+    temperature 0.7): values and the gradient of each rank's logit columns equal the whole
+    vocab's (a plain log_softmax in the test).
 The model is qwen2-shaped (tied embedding: two pipeline copies), vocab 101 (uneven tp split).
 """
 
@@ -158,6 +161,29 @@ def role_case(groups: MeshGroups) -> None:
         assert torch.equal(p.detach(), want[name].float()), name
 
 
+def vocab_parallel_case(groups: MeshGroups) -> None:
+    from realflow.algorithms import gather_packed_logprobs, packed_entropy
+    from realflow.parallel.model import build_model
+
+    shard = build_model(CONFIG, "lm", groups).vocab_shard
+    g = torch.Generator().manual_seed(11)
+    ids, cu = torch.randint(0, VOCAB, (13,), generator=g), torch.tensor([0, 5, 6, 13])
+    full = torch.randn(13, VOCAB, generator=g, requires_grad=True)
+    local = full.detach()[:, shard.start : shard.stop].clone().requires_grad_()
+    w_logp, w_ent = torch.randn(10, generator=g), torch.randn(10, generator=g)
+    rows = torch.tensor([0, 1, 2, 3, 6, 7, 8, 9, 10, 11])  # all but each sequence's last
+    logp_full = torch.log_softmax(full[rows] / 0.7, -1)
+    want_logp = logp_full.gather(1, ids[rows + 1, None]).squeeze(1)
+    want_ent = -(logp_full.exp() * logp_full).sum(-1)
+    ((want_logp * w_logp).sum() + (want_ent * w_ent).sum()).backward()
+    got_logp = gather_packed_logprobs(local, ids, cu, 0.7, chunk_size=3, shard=shard)
+    got_ent = packed_entropy(local, cu, 0.7, chunk_size=4, shard=shard)
+    ((got_logp * w_logp).sum() + (got_ent * w_ent).sum()).backward()
+    torch.testing.assert_close(got_logp, want_logp.detach(), **TOL)
+    torch.testing.assert_close(got_ent, want_ent.detach(), **TOL)
+    torch.testing.assert_close(local.grad, full.grad[:, shard.start : shard.stop], **TOL)
+
+
 def _worker(rank: int, world: int) -> None:
     solo = [dist.new_group([r]) for r in range(world)][rank]  # the reference's own dp group
     for spec in ("d1t2p1@0-1", "d1t1p2@0-1"):
@@ -168,6 +194,7 @@ def _worker(rank: int, world: int) -> None:
         generate_case(groups)
         if spec.startswith("d1t2"):
             role_case(groups)
+            vocab_parallel_case(groups)
 
 
 def test_interfaces_on_tp2_and_pp2_shards_equal_one_process():
