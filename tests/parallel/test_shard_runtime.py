@@ -8,6 +8,8 @@ interface on the whole model (each process builds it itself). Checked within 1e-
     mesh's first worker) loads back to the reference's weights;
   - ppo_actor / ppo_critic inference: log-probs and values;
   - ppo_actor greedy generate: the same answers and log-probs;
+  - d2t1p1 (each process half the batch): sft train_step gives the whole batch's weights and
+    grad_norm (gradients averaged over the dp group);
   - build_shard_model on a role: the shard holds the role's (seeded) weights;
   - realflow.algorithms' chunked log-probs and entropy with a VocabShard (several chunks,
     temperature 0.7): values and the gradient of each rank's logit columns equal the whole
@@ -135,6 +137,18 @@ def train_case(name: str, head: str, groups: MeshGroups, solo) -> None:
     torch.testing.assert_close(got.data[key], want.data[key], **TOL, msg=f"{what} inference")
 
 
+def data_parallel_case(groups: MeshGroups, solo) -> None:
+    full = reference_model(CONFIG, "lm", seed=3)
+    ref = build_train_engine(copy.deepcopy(full), EngineConfig(), OPTIM, 10, dp_group=solo)
+    engine = shard_engine(full, groups, EngineConfig(), OPTIM, 10)
+    data = rl_batch().select(["packed_input_ids", "prompt_mask"])
+    want = INTERFACES.get("sft")().train_step(Model("r", ref), data, MB)
+    part = data.index([0, 1, 2]) if groups.coords.dp == 0 else data.index([3, 4, 5, 6, 7])
+    got = INTERFACES.get("sft")().train_step(Model("s", engine), part, MB)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    check_weights(engine, ref, str(groups.mesh))
+
+
 def generate_case(groups: MeshGroups) -> None:
     full = reference_model(CONFIG, "lm", seed=4)
     ref = InferenceEngine(copy.deepcopy(full).requires_grad_(False), EngineConfig())
@@ -195,6 +209,7 @@ def _worker(rank: int, world: int) -> None:
         if spec.startswith("d1t2"):
             role_case(groups)
             vocab_parallel_case(groups)
+    data_parallel_case(MeshGroups.build(Mesh.parse("d2t1p1@0-1")), solo)
 
 
 def test_interfaces_on_tp2_and_pp2_shards_equal_one_process():
