@@ -3,8 +3,8 @@
 Two gloo processes hold one shard each of a d1t2p1 (tensor-parallel) and a d1t1p2 (pipeline)
 mesh and are given the same batches. Reference: a fresh single-process run of the same
 interface on the whole model (each process builds it itself). Checked within 1e-5 (fp32):
-  - ppo_actor, sft and ppo_critic train_step: every stat (loss, grad_norm with clipping active,
-    ...) and the updated weights of every shard; the checkpoint `save` writes (gathered on the
+  - ppo_actor (with the early-stop pass), sft and ppo_critic train_step: every stat (loss,
+    grad_norm with clipping active, ...) and the updated weights of every shard; sft evaluate; the checkpoint `save` writes (gathered on the
     mesh's first worker) loads back to the reference's weights;
   - ppo_actor / ppo_critic inference: log-probs and values;
   - ppo_actor greedy generate: the same answers and log-probs;
@@ -52,7 +52,8 @@ GEN = dict(max_new_tokens=6, min_new_tokens=0, greedy=True)
 
 
 def ppo_args() -> dict:
-    return dict(gen=dict(GEN), ppo_n_minibatches=2, value_eps_clip=0.2, use_adv_norm=True)
+    # early_stop_imp_ratio: each minibatch first runs a no-grad pass (the pipelined map)
+    return dict(gen=dict(GEN), ppo_n_minibatches=2, use_adv_norm=True, early_stop_imp_ratio=10.0)
 
 
 def rl_batch(seed: int = 0, n: int = 8) -> SequenceSample:
@@ -130,6 +131,8 @@ def train_case(name: str, head: str, groups: MeshGroups, solo) -> None:
     check_weights(engine, ref, what)
     if name == "sft":
         check_saved(Model("s", engine), ref, groups, what)
+        want = INTERFACES.get(name)().evaluate(Model("r", ref), data, MB)
+        check_stats(INTERFACES.get(name)().evaluate(Model("s", engine), data, MB), want, what)
     ids = data.select(["packed_input_ids"])
     key = "values" if head == "critic" else "logprobs"
     want = INTERFACES.get(name)(**iface_args).inference(Model("r", ref), ids, MB)
