@@ -19,6 +19,7 @@ Layout conventions used across ``realflow.algorithms``:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -127,6 +128,7 @@ def gather_packed_logprobs(
     cu_seqlens_B1: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    shard: Any = None,
 ) -> torch.Tensor:
     """Log-probs ``logprobs_T1`` (float32) of each next token within each packed sequence.
 
@@ -135,6 +137,10 @@ def gather_packed_logprobs(
     ``temperature``. Works on ``chunk_size`` rows at a time (default: a 256 MiB fp32 chunk), in
     the forward and in the backward, so no fp32 ``[T, V]`` tensor ever exists (see
     :mod:`realflow.algorithms.chunked`). Differentiable with respect to ``logits_TV``.
+
+    With ``shard`` (a model's ``vocab_shard`` under tensor parallelism; None otherwise),
+    ``logits_TV`` holds that tp rank's vocab columns and the result, the same on every tp rank,
+    is computed without gathering the vocab.
     """
     T = logits_TV.shape[0]
     if input_ids_T.shape != (T,):
@@ -145,7 +151,7 @@ def gather_packed_logprobs(
     _check_rows(logits_TV, cu_seqlens_B1)
     rows = _next_token_rows(cu_seqlens_B1, T, logits_TV.device)
     labels = input_ids_T.long()[rows + 1]
-    return rows_logprobs(logits_TV, rows, labels, temperature, chunk_size)
+    return rows_logprobs(logits_TV, rows, labels, temperature, chunk_size, shard)
 
 
 def packed_entropy(
@@ -153,12 +159,14 @@ def packed_entropy(
     cu_seqlens_B1: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    shard: Any = None,
 ) -> torch.Tensor:
     """``entropy_T1`` (float32): entropy of each next-token distribution, on the rows
-    :func:`gather_packed_logprobs` uses; chunked like it. Differentiable."""
+    :func:`gather_packed_logprobs` uses; chunked like it, vocab-parallel with ``shard`` like it.
+    Differentiable."""
     _check_rows(logits_TV, cu_seqlens_B1)
     rows = _next_token_rows(cu_seqlens_B1, logits_TV.shape[0], logits_TV.device)
-    return rows_entropy(logits_TV, rows, temperature, chunk_size)
+    return rows_entropy(logits_TV, rows, temperature, chunk_size, shard)
 
 
 def sequence_logprobs(

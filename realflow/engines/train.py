@@ -25,6 +25,11 @@ engine is built (fp32 master weights and optimizer state, whatever dtype they ar
 Offload (`EngineConfig.offload`, torch backend): `offload()` moves weights, gradients and
 optimizer state to CPU, `onload()` (or the next `train_batch` / `forward_no_grad`) brings them
 back; see realflow/engines/offload.py.
+
+Sharded models (realflow.parallel.runtime, torch backend): an engine built with `parallel` (a
+`ParallelContext`) over a tensor / pipeline shard runs the 1F1B pipeline in `train_batch` when
+pp > 1 (the same loss scales) and clips by the global gradient norm; `engine.parallel` is None
+for a whole model.
 """
 
 from __future__ import annotations
@@ -223,12 +228,14 @@ class TorchBackend:
         engine_cfg: EngineConfig,
         optim_cfg: OptimizerConfig,
         dp_group: Any = None,
+        parallel: Any = None,
     ):
         self.module = self.call_module = module
         self.device = module_device(module)
         self.bf16 = engine_cfg.bf16
         self.clip = optim_cfg.gradient_clipping
         self.dp_group = dp_group
+        self.parallel = parallel  # realflow.parallel.runtime.ParallelContext, or None
         self.optimizer = make_optimizer(module, optim_cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -242,7 +249,10 @@ class TorchBackend:
         self._average_gradients()
         set_lr_factor(self.optimizer, lr_factor)
         max_norm = self.clip if self.clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.parallel is not None and self.parallel.sharded:
+            grad_norm = self.parallel.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -292,8 +302,10 @@ class TrainEngine:
         total_train_steps: int,
         dp_group: Any = None,
         loaded_dtype: torch.dtype = torch.float32,
+        parallel: Any = None,
     ):
         self.backend = backend
+        self.parallel = parallel  # realflow.parallel.runtime.ParallelContext, or None
         self.engine_cfg = engine_cfg
         self.optim_cfg = optim_cfg
         self.total_train_steps = total_train_steps
@@ -360,16 +372,14 @@ class TrainEngine:
             raise EngineError(f"loss weights sum to {total} over the dp group; need > 0")
         self._offloader.onload()
         self.module.train()
-        losses, all_stats = [], []
-        for i in range(n_passes):
-            # Ranks with fewer micro-batches repeat their last one with weight 0 (see _dp_sync).
-            mb, w = (micro_batches[i], weights[i]) if i < len(weights) else (micro_batches[-1], 0.0)
+        scales = [w * dp_size / total for w in weights]
+        if self.parallel is not None and self.parallel.pipelined:
             with self.backend.autocast():
-                loss, stats = loss_fn(self.backend.call_module, mb)
-            self.backend.backward(loss * (w * dp_size / total))
-            if i < len(weights):
-                losses.append({"loss": float(loss.detach())})
-                all_stats.append(stats)
+                results = self.parallel.forward_backward(micro_batches, loss_fn, scales)
+        else:
+            results = self._accumulate(micro_batches, loss_fn, scales, n_passes)
+        losses = [{"loss": loss} for loss, _ in results]
+        all_stats = [stats for _, stats in results]
         lr = self.lr
         grad_norm = self.backend.step(lr_factor(self.optim_cfg, self.step, self.total_train_steps))
         self.step += 1
@@ -377,6 +387,24 @@ class TrainEngine:
         out.update(_weighted_mean(losses, weights))
         out.update(grad_norm=grad_norm, lr=lr)
         return out
+
+    def _accumulate(
+        self, micro_batches: list[SequenceSample], loss_fn: LossFn, scales: list[float], n: int
+    ) -> list[tuple[float, dict[str, float]]]:
+        """Forward and backward of each micro-batch, its loss scaled by `scales[i]`;
+        `(loss_i, stats_i)` per micro-batch. Passes beyond the micro-batches (n > their number,
+        see _dp_sync) repeat the last one with scale 0."""
+        results = []
+        for i in range(n):
+            mb, scale = (
+                (micro_batches[i], scales[i]) if i < len(scales) else (micro_batches[-1], 0.0)
+            )
+            with self.backend.autocast():
+                loss, stats = loss_fn(self.backend.call_module, mb)
+            self.backend.backward(loss * scale)
+            if i < len(scales):
+                results.append((float(loss.detach()), stats))
+        return results
 
     def _dp_sync(self, local_weight: float, n_micro_batches: int) -> tuple[float, int, int]:
         """(sum of loss weights over the dp group, dp size, backward passes to run here).
@@ -478,11 +506,12 @@ class InferenceEngine:
     """A model that is never trained: `forward_no_grad`, and offload of idle weights to CPU
     between calls when `engine_cfg.offload` is set and the module is on an accelerator."""
 
-    def __init__(self, module: nn.Module, engine_cfg: EngineConfig):
+    def __init__(self, module: nn.Module, engine_cfg: EngineConfig, parallel: Any = None):
         problems = engine_cfg.validate()
         if problems:
             raise EngineError("invalid engine config: " + "; ".join(problems))
         self.module = module
+        self.parallel = parallel  # realflow.parallel.runtime.ParallelContext, or None
         self.engine_cfg = engine_cfg
         self.device = module_device(module)
         self._offloader = Offloader(
@@ -536,24 +565,28 @@ def build_train_engine(
     optim_cfg: OptimizerConfig,
     total_train_steps: int,
     dp_group: Any = None,
+    parallel: Any = None,
 ) -> TrainEngine:
     """Build the engine of a trained model.
 
     `module` holds the initial (or resumed) weights, in any one dtype: they become fp32 masters
     (see the module docstring) and `save_dtype="auto"` saves them back in it. `dp_group` is the
     torch.distributed group of the ranks that hold replicas of this model (None: the world, when
-    torch.distributed is initialised; no data parallelism otherwise).
+    torch.distributed is initialised; no data parallelism otherwise). `parallel` is the
+    `ParallelContext` of a model shard (realflow.parallel.runtime; torch backend only).
     """
     problems = [*engine_cfg.validate(), *engine_cfg.train_problems(), *optim_cfg.validate()]
     if total_train_steps <= 0:
         problems.append(f"total_train_steps ({total_train_steps}) must be positive")
+    if parallel is not None and engine_cfg.backend != "torch":
+        problems.append(f"a sharded model needs backend 'torch', got {engine_cfg.backend!r}")
     if problems:
         raise EngineError("invalid engine config: " + "; ".join(problems))
     n_params = sum(p.numel() for p in module.parameters())
     loaded_dtype = upcast_to_fp32(module)
     backend: Backend
     if engine_cfg.backend == "torch":
-        backend = TorchBackend(module, engine_cfg, optim_cfg, dp_group)
+        backend = TorchBackend(module, engine_cfg, optim_cfg, dp_group, parallel)
     else:
         from realflow.engines.deepspeed_engine import DeepSpeedBackend
 
@@ -564,4 +597,6 @@ def build_train_engine(
         type(module).__name__,
         n_params,
     )
-    return TrainEngine(backend, engine_cfg, optim_cfg, total_train_steps, dp_group, loaded_dtype)
+    return TrainEngine(
+        backend, engine_cfg, optim_cfg, total_train_steps, dp_group, loaded_dtype, parallel
+    )

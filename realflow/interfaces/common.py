@@ -10,6 +10,10 @@ Conventions (see the key table in realflow.api.data):
 - Per-token log-probs live in the shifted space (L-1 entries per sequence, "T1"); the answer mask
   in that space is True where the *predicted* token is an answer token.
 - Outputs are returned on the device the input tensors were on.
+- A model shard (realflow.parallel.runtime: the engine's `parallel` is set) runs the same code:
+  log-probs are vocab-parallel (`module.vocab_shard`), micro-batches go through the pipeline
+  (`forward_micro_batches`), generation spans the replica's workers and saving gathers the
+  whole model on the mesh's first worker.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +33,7 @@ from realflow.api.registry import closest
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 IDS = "packed_input_ids"
 
 # ---- arguments ----------------------------------------------------------------------------------
@@ -104,11 +109,21 @@ def map_micro_batches(
     and moved to the device of the input tensors."""
     engine = engine_of(model, interface)
     out_device = next(iter(data.data.values())).device
-    outs = [
-        engine.forward_no_grad(lambda m, mb=mb: fn(m, mb, engine.device))
-        for mb in split_micro_batches(data, mb_spec)
-    ]
+    mbs = split_micro_batches(data, mb_spec)
+    outs = forward_micro_batches(engine, mbs, lambda m, mb: fn(m, mb, engine.device))
     return torch.cat(outs).to(out_device)
+
+
+def forward_micro_batches(
+    engine: Any, mbs: list[SequenceSample], fn: Callable[[torch.nn.Module, SequenceSample], T]
+) -> list[T]:
+    """`[fn(module, mb) for mb in mbs]` without grad (`engine.forward_no_grad`). For a pipeline
+    stage (pp > 1) the micro-batches go through the pipeline together and every stage gets the
+    last stage's results."""
+    parallel = getattr(engine, "parallel", None)
+    if parallel is not None and parallel.pipelined:
+        return engine.forward_no_grad(lambda _m: parallel.map_no_grad(mbs, fn))
+    return [engine.forward_no_grad(lambda m, mb=mb: fn(m, mb)) for mb in mbs]
 
 
 # ---- per-token quantities ----------------------------------------------------------------------
@@ -117,10 +132,17 @@ def map_micro_batches(
 def token_logprobs(
     module: torch.nn.Module, mb: SequenceSample, device: torch.device, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Log-probs `logprobs_T1` (float32) of each next token of `packed_input_ids` under an LM."""
+    """Log-probs `logprobs_T1` (float32) of each next token of `packed_input_ids` under an LM
+    (vocab-parallel on a tensor-parallel shard)."""
     ids_T, cu_B1 = packed(mb, device)
     logits_TV = module(ids_T, cu_B1)
-    return gather_packed_logprobs(logits_TV, ids_T, cu_B1, temperature=temperature)
+    shard = vocab_shard(module)
+    return gather_packed_logprobs(logits_TV, ids_T, cu_B1, temperature=temperature, shard=shard)
+
+
+def vocab_shard(module: Any) -> Any:
+    """The module's `VocabShard` when its logits hold one tp rank's vocab columns, else None."""
+    return getattr(module, "vocab_shard", None)
 
 
 def answer_mask_T1(prompt_mask_T: torch.Tensor, cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
@@ -283,8 +305,7 @@ def evaluate_loss(
     if total <= 0:
         raise ValueError(f"{interface} evaluate: the batch (ids {data.ids}) has nothing to score")
     out: dict[str, float] = {}
-    for mb, w in zip(mbs, weights):
-        loss, stats = engine.forward_no_grad(lambda m, mb=mb: loss_fn(m, mb))
+    for (loss, stats), w in zip(forward_micro_batches(engine, mbs, loss_fn), weights):
         for k, v in {"loss": float(loss), **stats}.items():
             out[k] = out.get(k, 0.0) + w / total * float(v)
     return {**out, "weight": total}
@@ -293,10 +314,22 @@ def evaluate_loss(
 def save_hf_dir(model: Model, save_dir: str) -> None:
     """Write the trained role's full weights, in the engine's save dtype, (and tokenizer) as an
     HF directory; a role with adapters writes an HF peft adapter directory instead (and the
-    merged model under `merged/` with `<role>.save_merged`)."""
+    merged model under `merged/` with `<role>.save_merged`).
+
+    A model in a mesh (the engine's `parallel` set): every worker of the mesh calls this; the
+    mesh's first worker gathers the whole model (from the shards) and alone writes it."""
     from realflow.models.hf_io import save_hf
 
     engine = train_engine_of(model, "save")
+    parallel = getattr(engine, "parallel", None)
+    if parallel is not None:
+        first = parallel.groups.mesh.workers[0]
+        full = parallel.gather_full_model(first) if parallel.sharded else engine.module
+        if parallel.groups.rank == first:
+            save_hf(
+                full, save_dir, model.tokenizer, engine.save_dtype, state_dict=full.state_dict()
+            )
+        return
     if hasattr(engine.module, "peft_config"):  # adapters: realflow.engines.tuners.has_adapters
         from realflow.engines.tuners import save_adapters
 
@@ -343,6 +376,9 @@ def rollout(
             f"({plain_temperature(gconfig)}: 1 when greedy)"
         )
     engine = engine_of(model, "generate")
+    parallel = getattr(engine, "parallel", None)
+    # A shard generates with the replica's workers (realflow.parallel.generate): same call.
+    gen = parallel.generate if parallel is not None and parallel.sharded else generate
     gconfig = dataclasses.replace(gconfig, eos_token_ids=stop_token_ids(model))
     seqs: dict[str, list[list[torch.Tensor]]] = {
         k: [] for k in (IDS, "prompt_mask", "logprobs", "no_eos_mask")
@@ -353,9 +389,7 @@ def rollout(
         ids_T = mb.data["packed_prompts"].to(engine.device)
         cu_B1 = cu_seqlens_from(unique, engine.device)
         out = engine.forward_generate(
-            lambda module, i=ids_T, c=cu_B1: generate(
-                module, i, c, gconfig, model.rng, n_per_prompt
-            )
+            lambda module, i=ids_T, c=cu_B1: gen(module, i, c, gconfig, model.rng, n_per_prompt)
         )
         answers = out.output_ids_T.split(out.output_lens_B.tolist())
         logps = out.plain_logprobs_T.split(out.output_lens_B.tolist())

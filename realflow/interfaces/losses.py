@@ -47,6 +47,11 @@ class TokenLossInput:
     the last row of each sequence predicts nothing; `shifted_logits()` keeps the T1 rows).
     `logprobs_T1` (float32) are the log-probs of the tokens that follow; `loss_scale_T1` the
     weight of each (0 on prompt tokens). Gradients flow through `logits_TV` and `logprobs_T1`.
+
+    Under tensor parallelism `vocab_shard` (a `realflow.parallel.tp.VocabShard`) is set and
+    `logits_TV` hold only this rank's vocab columns [vocab_shard.start, vocab_shard.stop): a
+    loss that reads the logits must combine them over `vocab_shard.group` (see
+    realflow.algorithms.chunked); `logprobs_T1` are already the full ones.
     """
 
     logits_TV: torch.Tensor
@@ -54,6 +59,7 @@ class TokenLossInput:
     loss_scale_T1: torch.Tensor
     input_ids_T: torch.Tensor
     cu_seqlens_B1: torch.Tensor
+    vocab_shard: Any = None
 
     def shifted_logits(self) -> torch.Tensor:
         """`logits_T1V`: the rows of `logits_TV` that predict a token (a copy)."""

@@ -25,6 +25,7 @@ from realflow.interfaces.common import (
     split_micro_batches,
     token_logprobs,
     train_engine_of,
+    vocab_shard,
 )
 from realflow.interfaces.losses import TokenLossInput, call_loss
 
@@ -51,9 +52,10 @@ class SFTInterface(ModelInterface):
         device = next(module.parameters()).device
         ids_T, cu_B1 = packed(mb, device)
         logits_TV = module(ids_T, cu_B1)
-        logp_T1 = gather_packed_logprobs(logits_TV, ids_T, cu_B1)
+        shard = vocab_shard(module)
+        logp_T1 = gather_packed_logprobs(logits_TV, ids_T, cu_B1, shard=shard)
         scale_T1 = loss_scale_T1(mb, device)
-        inp = TokenLossInput(logits_TV, logp_T1, scale_T1, ids_T, cu_B1)
+        inp = TokenLossInput(logits_TV, logp_T1, scale_T1, ids_T, cu_B1, shard)
         values_T1, stats = call_loss(self.loss_fn, inp, logp_T1.shape[0], f"sft {self.loss}")
         trained_T1 = scale_T1 > 0
         n = trained_T1.sum().clamp(min=1)

@@ -78,10 +78,11 @@ def parallel_generate(
     cu_seqlens_B1: torch.Tensor,
     gconfig: GenerationConfig,
     generator: torch.Generator | None = None,
+    n_per_prompt: int = 1,
 ) -> GenerationOutput:
     """`realflow.models.generation.generate` for a model built with a ShardSpec (tp and/or pp);
     a model without one runs the ordinary single-device generation."""
+    args = (model, input_ids_T, cu_seqlens_B1, gconfig, generator, n_per_prompt)
     if model.shard is None:
-        return generate(model, input_ids_T, cu_seqlens_B1, gconfig, generator)
-    step = ParallelDecodeStep(model, groups, gconfig, generator)
-    return generate(model, input_ids_T, cu_seqlens_B1, gconfig, generator, step=step)
+        return generate(*args)
+    return generate(*args, step=ParallelDecodeStep(model, groups, gconfig, generator))

@@ -175,9 +175,11 @@ class PipelineRunner:
         return results
 
     def sync_tied_grads(self) -> None:
-        """Sum the gradients of a tied embedding's copies on the first and last stage."""
+        """Sum the gradients of a tied embedding's copies on the first and last stage (an LM
+        head only: a critic or reward head ties nothing, whatever the config says)."""
         model = self.model
-        if not model.config.tie_word_embeddings or self.groups.embed_group is None:
+        tied = model.config.tie_word_embeddings and model.head == "lm"
+        if not tied or self.groups.embed_group is None:
             return
         weight = model.embed_tokens.weight if self.stage == 0 else None
         if self.is_last and model.lm_head is not None:
