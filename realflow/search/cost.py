@@ -243,16 +243,22 @@ def realloc_bytes(
     dst: Layout,
     dst_workers: tuple[int, ...],
     param_bytes: float,
+    sample: int = 0,
 ) -> dict[int, float]:
     """Bytes each destination device must receive from other devices to hold its shard of
     `dst`: its shard minus the part its own copy in `src` already holds (the fraction of its
-    layer range and of its tp column range that the local source shard covers)."""
+    layer range and of its tp column range that the local source shard covers). `sample` > 0:
+    only that many evenly spaced destination devices (the first and the last among them)."""
     from realflow.parallel.layout import Mesh
 
     src_mesh, dst_mesh = Mesh(src, src_workers), Mesh(dst, dst_workers)
     total = model.params * param_bytes
     out = {}
-    for w in dst_workers:
+    chosen = dst_workers
+    if 0 < sample < len(dst_workers):
+        step = (len(dst_workers) - 1) / (sample - 1)
+        chosen = tuple(dst_workers[round(i * step)] for i in range(sample))
+    for w in chosen:
         c = dst_mesh.coords(w)
         need = total / (dst.tp * dst.pp)
         if w in src_mesh:

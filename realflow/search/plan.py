@@ -17,7 +17,7 @@ from realflow.api.dfg import DataflowGraph, InterfaceType
 from realflow.parallel.layout import Layout, Mesh, format_workers
 from realflow.parallel.partition import layout_errors
 from realflow.search import cost
-from realflow.search.spec import Cluster, ModelSpec
+from realflow.search.spec import Cluster, Link, ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Placement:
 
 Plan = dict[str, Placement]  # MFC name -> placement
 ALL_RUNS_NODES = 32
+REALLOC_SAMPLE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,47 +88,59 @@ class Problem:
     # ---- per-MFC costs (cached: the search asks for the same ones over and over) -------------
 
     def links(self, p: Placement) -> cost.Links:
-        mesh = p.mesh
-        c = self.cluster
-        return cost.Links(
-            tp=c.link(mesh.tp_groups()[0]), pp=c.link(mesh.pp_groups()[0]),
-            dp=c.link(mesh.dp_groups()[0]),
-        )  # fmt: skip
+        """The link of each axis: a group of contiguous ascending devices shares a node when
+        its first and last device do (tp groups: consecutive devices; dp: stride tp; pp:
+        stride dp * tp)."""
+        lay, c = p.layout, self.cluster
+
+        def span(stride: int, size: int) -> Link:
+            return c.link((p.lo, p.lo + stride * (size - 1)))
+
+        return cost.Links(tp=span(1, lay.tp), pp=span(lay.dp * lay.tp, lay.pp),
+                          dp=span(lay.tp, lay.dp))  # fmt: skip
 
     def _spans_nodes(self, p: Placement) -> bool:
         per = self.cluster.devices_per_node
         return p.lo // per != (p.lo + p.n - 1) // per
 
-    @functools.cache  # noqa: B019 (one problem per search; it lives as long)
     def time(self, name: str, p: Placement) -> float:
         """Seconds of one call of MFC `name` on `p` (without realloc)."""
+        links = self.links(p)
+        return self._time(name, p.layout, links.tp.name, links.pp.name, links.dp.name)
+
+    @functools.cache  # noqa: B019 (one problem per search; it lives as long)
+    def _time(self, name: str, layout: Layout, tp: str, pp: str, dp: str) -> float:
         t = self.by_name[name]
         if t.model is None:
             return 0.0
-        return cost.mfc_time(t.model, p.layout, t.work, self.dev, self.links(p))
+        by_name = {self.cluster.intra.name: self.cluster.intra, self.cluster.inter.name:
+                   self.cluster.inter}  # fmt: skip
+        links = cost.Links(by_name[tp], by_name[pp], by_name[dp])
+        return cost.mfc_time(t.model, layout, t.work, self.dev, links)
 
     @functools.cache  # noqa: B019
     def realloc_time(self, role: str, src: Placement, dst: Placement) -> float:
         """Moving the model's weights (compute dtype) from its training copy to `dst`: the
-        slowest destination device's receive, or the busiest source's send."""
+        slowest destination device's receive, or the busiest source's send. Meshes of more than
+        `REALLOC_SAMPLE` devices are evaluated on that many evenly spaced destination devices."""
         model = self.by_name[self.trainer[role]].model
         if src == dst or model is None:
             return 0.0
         c = self.cluster
         got = cost.realloc_bytes(
-            model, src.layout, src.workers, dst.layout, dst.workers, self.dev.param_bytes
-        )
-        src_nodes = {c.node_of(w) for w in src.workers}
+            model, src.layout, src.workers, dst.layout, dst.workers, self.dev.param_bytes,
+            sample=REALLOC_SAMPLE,
+        )  # fmt: skip
+        src_nodes = {c.node_of(src.lo), c.node_of(src.lo + src.n - 1)}
         worst = 0.0
         for w, nbytes in got.items():
             if nbytes <= 0:
                 continue
             link = c.intra if src_nodes == {c.node_of(w)} else c.inter
             worst = max(worst, link.time(nbytes))
-        total = sum(got.values())
-        send_link = (
-            c.intra if len(src_nodes | {c.node_of(w) for w in dst.workers}) == 1 else c.inter
-        )
+        total = sum(got.values()) * dst.n / len(got)
+        lo, hi = min(src.lo, dst.lo), max(src.lo + src.n, dst.lo + dst.n) - 1
+        send_link = c.intra if c.node_of(lo) == c.node_of(hi) else c.inter
         sender = send_link.time(total / src.n) if total > 0 else 0.0
         return max(worst, sender)
 

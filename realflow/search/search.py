@@ -106,7 +106,7 @@ def split_halves(problem: Problem) -> SearchResult:
     """Generation on the first half of the devices, every other MFC on the second half; the
     best layout for each half."""
     n = problem.cluster.n_devices
-    best = SearchResult("generation | rest on disjoint halves", {}, INF)
+    best = SearchResult("generation / rest on disjoint halves", {}, INF)
     gen = [t.name for t in problem.tasks if t.kind == "generate" and t.model is not None]
     rest = [m for m in searched(problem) if m not in gen]
     if n < 2 or not gen or not rest:
@@ -135,22 +135,31 @@ def _common_layouts(problem: Problem, names: list[str], n: int) -> list[Layout]:
 def real_heuristic(problem: Problem) -> SearchResult:
     """ReaL-style heuristic: every MFC on the whole cluster, each in the most data-parallel
     layout that fits memory with the others (model parallelism grown tp first, within a node,
-    then pp); generation keeps pp = 1 when it can."""
+    then pp; generation keeps pp = 1 when it can). The training copies are placed first, with
+    at least `m` model-parallel devices, m = 1, 2, 4...: the first m whose plan fits wins."""
     n = problem.cluster.n_devices
-    plan = _pinned(problem)
     # the training copies first: they stay resident, the other calls must fit around them
-    for name in sorted(searched(problem), key=lambda m: problem.by_name[m].kind != "train_step"):
-        order = sorted(
-            problem.layouts(name, n),
-            key=lambda lay: (lay.tp * lay.pp, lay.pp if problem.by_name[name].kind != "generate"
-                             else lay.pp * 1000, lay.tp),
-        )  # fmt: skip
-        plan[name] = Placement(order[0], 0)
-        for lay in order:  # the first that fits with what is placed so far
-            plan[name] = Placement(lay, 0)
-            if _fits_partial(problem, plan):
-                break
-    return SearchResult("ReaL heuristic", plan, score(problem, plan), 1)
+    names = sorted(searched(problem), key=lambda m: problem.by_name[m].kind != "train_step")
+
+    def order(name: str) -> list[Layout]:
+        gen = problem.by_name[name].kind == "generate"
+        return sorted(problem.layouts(name, n),
+                      key=lambda lay: (lay.tp * lay.pp, lay.pp * (1000 if gen else 1), lay.tp))  # fmt: skip
+
+    m = 1
+    while m <= n:
+        plan = _pinned(problem)
+        for name in names:
+            floor = m if problem.by_name[name].kind == "train_step" else 1
+            options = [lay for lay in order(name) if lay.tp * lay.pp >= floor]
+            for lay in options:  # the first that fits with what is placed so far
+                plan[name] = Placement(lay, 0)
+                if _fits_partial(problem, plan):
+                    break
+        if len(plan) == len(problem.tasks) and problem.fits(plan):
+            return SearchResult("ReaL heuristic", plan, score(problem, plan), m)
+        m *= 2
+    return SearchResult("ReaL heuristic", {}, INF, m)
 
 
 def _fits_partial(problem: Problem, plan: Plan) -> bool:
@@ -195,8 +204,11 @@ def search(
         evals += 1
         return score(problem, plan)
 
+    deadline = t0 + budget_s
     for start in starts:
-        plan, s = _descend(problem, dict(start), evaluate(start), cands, names, evaluate)
+        if time.perf_counter() > deadline:
+            break
+        plan, s = _descend(dict(start), evaluate(start), cands, names, evaluate, deadline)
         if s < result.step_time_s:
             result.plan, result.step_time_s = dict(plan), s
             result.found_at_s = time.perf_counter() - t0
@@ -225,11 +237,13 @@ def _best_response(
     return best, best_s
 
 
-def _descend(problem, plan, s, cands, names, evaluate) -> tuple[Plan, float]:
+def _descend(plan, s, cands, names, evaluate, deadline) -> tuple[Plan, float]:
     improved = True
     while improved:
         improved = False
         for name in names:
+            if time.perf_counter() > deadline:
+                return plan, s
             before = plan[name]
             _, new = _best_response(plan, name, cands[name], evaluate)
             if new < s - 1e-12:
