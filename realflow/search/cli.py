@@ -154,7 +154,7 @@ def run(name: str, cfg: Any, scfg: SearchConfig, problem: Any, dfg: Any, argv: l
     c = problem.cluster
     print(f"{name} on {c.name}: {c.nodes} node(s) x {c.devices_per_node} {c.device.name} "
           f"({c.device.source.split(':')[0]} profile); searched for {best.seconds:.1f} s "
-          f"({best.evaluations} plans scored), best found after {best.found_at_s:.1f} s")  # fmt: skip
+          f"({best.cpu_s:.1f} s CPU, {best.evaluations} plans scored), best found after {best.found_at_s:.1f} s")  # fmt: skip
     print(f"\n{'plan':<40}{'step s (sim)':>14}{'peak GB/device':>16}")
     sims = {}
     for r in results:

@@ -43,6 +43,8 @@ class SearchResult:
     evaluations: int = 0
     seconds: float = 0.0
     found_at_s: float = 0.0  # when the search first reached this plan's step time
+    cpu_s: float = 0.0  # CPU time of this process during the search (a shared machine's wall
+    # clock counts other processes' time too)
 
 
 def score(problem: Problem, plan: Plan, n_steps: int = 3) -> float:
@@ -185,7 +187,7 @@ def search(
 ) -> SearchResult:
     """The best plan found (see the module docstring) within `budget_s` seconds or `max_iters`
     MCMC moves, whichever comes first."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rng = random.Random(seed)
     names = searched(problem)
     cands = {m: candidates(problem, m, keep) for m in names}
@@ -216,6 +218,7 @@ def search(
         _mcmc(problem, result, cands, names, evaluate, rng, t0, budget_s, max_iters)
     result.evaluations = evals
     result.seconds = time.perf_counter() - t0
+    result.cpu_s = time.process_time() - c0
     return result
 
 

@@ -153,3 +153,11 @@ def test_model_spec_errors_name_the_presets():
     with pytest.raises(ValueError, match="did you mean 'llama-70b'"):
         model_spec("llama-70")
     assert math.isclose(model_spec("builtin:tiny").hidden_size, 64)
+
+
+def test_realloc_bytes_sample_takes_evenly_spaced_devices_with_both_ends():
+    full = cost.realloc_bytes(TOY, Layout(1, 1, 1), (0,), Layout(4, 1, 1), (0, 1, 2, 3), 2)
+    some = cost.realloc_bytes(
+        TOY, Layout(1, 1, 1), (0,), Layout(4, 1, 1), (0, 1, 2, 3), 2, sample=2
+    )
+    assert some == {0: full[0], 3: full[3]}
