@@ -278,6 +278,102 @@ def measure_p2p(sizes: list[int], reps: int) -> list[float]:
     return times
 
 
+# ---- real runs: what the runtime adds around the model ---------------------------------------
+
+PROMPT_LEN = 10  # mean prompt tokens of the built-in reverse task (9.5)
+RUN_CASES = [("h64l2", 32, 32), ("h128l4", 16, 24), ("h128l4", 48, 8)]
+RUN_MODELS = {"h64l2": (64, 2, 4, 128), "h128l4": (128, 4, 4, 352), "h256l4": (256, 4, 8, 704)}
+KIND_OF = {"actor_gen": "generate", "ref_inf": "inference", "critic_inf": "inference",
+           "actor_train": "train_step", "critic_train": "train_step"}  # fmt: skip
+
+
+def random_model_dir(name: str, root: str) -> tuple[str, ModelSpec]:
+    """An HF directory of a random llama of RUN_MODELS[name] with the built-in tokenizer."""
+    import torch
+
+    from realflow.data.tokenizer import load_tokenizer
+    from realflow.models.builtin import builtin_config
+    from realflow.models.hf_io import save_hf
+    from realflow.models.transformer import PackedTransformer
+
+    h, n, heads, inter = RUN_MODELS[name]
+    tok = load_tokenizer("builtin")
+    spec = ModelSpec(name, n, h, heads, heads, inter, len(tok))
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        cfg = builtin_config("tiny-llama", len(tok), hidden_size=h, n_layers=n, n_heads=heads,
+                             n_kv_heads=heads, intermediate_size=inter)  # fmt: skip
+        save_hf(PackedTransformer(cfg, head="lm"), path, tokenizer=tok)
+    return path, spec
+
+
+def run_ppo(overrides: list[str], steps: int, threads: int, mode: str = "local") -> dict[str, Any]:
+    """Run `python -m realflow.quickstart ppo` for `steps` steps; returns the rows of
+    metrics.jsonl and each MFC's call seconds after step 1 (from trace.json)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "realflow.quickstart", "ppo", *overrides,
+               f"total_steps={steps}", f"output_dir={d}/run", "tensorboard=false",
+               "progress_bar=false", f"mode={mode}"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        with open(f"{d}/run/metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(f"{d}/run/trace.json") as f:
+            events = json.load(f)["traceEvents"]
+    calls: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("args", {}).get("step", 0) > 1:
+            calls.setdefault(e["name"], []).append(e["dur"] / 1e6)
+    return {"rows": rows, "calls": calls}
+
+
+def measure_runs(root: str, threads: int) -> list[Sample]:
+    """Real PPO runs (every role on one worker, mode=local): each MFC's median call time."""
+    import statistics
+
+    out = []
+    for name, n_seqs, gen in RUN_CASES:
+        path, spec = random_model_dir(name, root)
+        run = run_ppo([f"actor.path={path}", f"n_seqs={n_seqs}", f"ppo.gen.max_new_tokens={gen}",
+                       f"ppo.gen.min_new_tokens={gen}", *ALL_ON_ONE], 5, threads)  # fmt: skip
+        for mfc, kind in KIND_OF.items():
+            minibatches = 2 if kind == "train_step" else 1  # ppo.ppo_n_minibatches default
+            work = cost.Work(kind, n_seqs, PROMPT_LEN, gen, n_minibatches=minibatches)
+            seconds = statistics.median(run["calls"][mfc])
+            out.append(Sample(spec, work, seconds))
+            logger.info("run %s %s b=%d gen=%d: %.4f s", name, mfc, n_seqs, gen, seconds)
+    return out
+
+
+ALL_ON_ONE = [f"allocation.{r}=0" for r in ("actor", "critic", "ref", "rew")]
+
+
+def fit_runtime(profile: DeviceProfile, runs: list[Sample]) -> DeviceProfile:
+    """The profile with `runtime` (scale, call_s per kind) fitted to real runs: non-negative
+    least squares of measured call time on [model time, 1], relative errors."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    links = cost.Links(*(Link("none", 1e18, 0.0),) * 3)
+    fitted = []
+    for kind in ("generate", "inference", "train_step"):
+        rows = [s for s in runs if s.work.kind == kind]
+        if not rows:
+            continue
+        model_s = [cost.mfc_time(s.model, Layout(), s.work, profile, links) for s in rows]
+        w = 1.0 / np.array([s.seconds for s in rows])
+        a = np.array([[m, 1.0] for m in model_s]) * w[:, None]
+        (scale, call), _ = nnls(a, np.array([s.seconds for s in rows]) * w)
+        fitted.append((kind, round(float(scale), 4), round(float(call), 5)))
+    return dataclasses.replace(profile, runtime=tuple(fitted))
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 FULL_MODELS = [(64, 2, 4, 128), (128, 4, 4, 352), (256, 4, 8, 704), (384, 6, 6, 1024)]
@@ -312,6 +408,12 @@ def calibrate(toy: bool, threads: int) -> tuple[DeviceProfile, Link, dict[str, A
     source = f"measured: python -m realflow.search.calibrate{' --toy' if toy else ''} ({when}, "
     source += f"{device}, {threads} thread(s), {socket.gethostname()})"
     profile, errors = fit_profile(samples, peak, bw, memory, param_bytes, source)
+    if not toy and device == "cpu":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as root:
+            runs = measure_runs(root, threads)
+        profile = fit_runtime(profile, runs)
     sizes = [1 << k for k in ((10, 16, 20) if toy else (10, 13, 16, 18, 20, 22, 24))]
     p2p = measure_p2p(sizes, reps)
     link = fit_link(sizes, p2p, "gloo-local")
@@ -344,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-profile", default=os.path.join(here, "profiles", "cpu.yaml"))
     p.add_argument("--out-cluster", default=os.path.join(here, "clusters", "cpu2.yaml"))
     p.add_argument("--devices", type=int, default=2, help="devices of the written cluster")
+    p.add_argument("--runtime-only", action="store_true",
+                   help="keep --out-profile's model fit; measure and fit only the runtime's "
+                        "share from real PPO runs")  # fmt: skip
     args = p.parse_args(argv)
+    if args.runtime_only:
+        return _runtime_only(args.out_profile, args.threads)
     profile, link, report = calibrate(args.toy, args.threads)
     d = dataclasses.replace(profile, name=args.name).to_dict()
     d["fit"] = report
@@ -364,6 +471,38 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: v for k, v in report.items() if k not in ("samples", "p2p")}
     logger.info("fit: %s; link %s: %.3g GB/s, %.1f us", summary, link.name,
                 link.bandwidth / GB, link.latency * 1e6)  # fmt: skip
+    return 0
+
+
+def _runtime_only(path: str, threads: int) -> int:
+    import tempfile
+
+    import torch
+
+    from realflow.search.spec import load_profile
+
+    torch.set_num_threads(threads)
+    profile = dataclasses.replace(load_profile(path), runtime=())
+    with tempfile.TemporaryDirectory() as root:
+        runs = measure_runs(root, threads)
+    profile = fit_runtime(profile, runs)
+    with open(path) as f:
+        d = yaml.safe_load(f)
+    d["runtime"] = profile.to_dict()["runtime"]
+    d["runtime_fit"] = {
+        "command": f"python -m realflow.search.calibrate --runtime-only --threads {threads}",
+        "runs": [
+            {
+                "model": s.model.name,
+                "work": dataclasses.asdict(s.work),
+                "seconds": round(s.seconds, 5),
+            }
+            for s in runs
+        ],
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    logger.info("runtime: %s", d["runtime"])
     return 0
 
 

@@ -193,11 +193,13 @@ def generate_time(
 def mfc_time(
     model: ModelSpec, layout: Layout, work: Work, dev: DeviceProfile, links: Links
 ) -> float:
-    """Seconds one call of `work.kind` takes."""
+    """Seconds one call of `work.kind` takes: the model's work, then the runtime's share
+    (`DeviceProfile.runtime`: scale and fixed cost per kind, measured from real runs)."""
     fn = {"generate": generate_time, "inference": inference_time, "train_step": train_time}
     if work.kind not in fn:
         raise ValueError(f"MFC kind {work.kind!r} is not one of {', '.join(fn)}")
-    return fn[work.kind](model, layout, work, dev, links)
+    scale, call_s = dev.runtime_of(work.kind)
+    return scale * fn[work.kind](model, layout, work, dev, links) + call_s
 
 
 # ---- memory --------------------------------------------------------------------------------------

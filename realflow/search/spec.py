@@ -170,6 +170,17 @@ class DeviceProfile:
     decode_step_s: float  # fixed cost of one decode step
     layer_s: float  # fixed cost per layer of one forward (per decode step; per micro-batch)
     optim_bytes_per_param: float = 28.0  # Adam step traffic: read p, g, m, v; write p, m, v (fp32)
+    # What realflow's runtime adds around the model's own work, per MFC kind: a whole call takes
+    # `scale * model time + call_s` (interface code: log-probs, losses, minibatches, data
+    # handling). Fitted by `calibrate` from real runs; (1, 0) when not measured.
+    runtime: tuple[tuple[str, float, float], ...] = ()
+
+    def runtime_of(self, kind: str) -> tuple[float, float]:
+        """(scale, call_s) of MFC kind `kind`."""
+        for k, scale, call in self.runtime:
+            if k == kind:
+                return scale, call
+        return 1.0, 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceProfile:
@@ -187,6 +198,9 @@ class DeviceProfile:
             call_s=float(over["call_s"]),
             decode_step_s=float(over["decode_step_s"]),
             layer_s=float(over["layer_s"]),
+            runtime=tuple(
+                (k, float(v["scale"]), float(v["call_s"])) for k, v in d.get("runtime", {}).items()
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +221,11 @@ class DeviceProfile:
                 "decode_step_s": self.decode_step_s,
                 "layer_s": self.layer_s,
             },
+            **(
+                {"runtime": {k: {"scale": a, "call_s": b} for k, a, b in self.runtime}}
+                if self.runtime
+                else {}
+            ),
         }
 
 

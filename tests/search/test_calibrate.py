@@ -78,3 +78,22 @@ def test_unknown_cluster_names_the_shipped_ones(tmp_path):
     bad.write_text("name: x\nnodes: 1\ndevices_per_node: 2\ndevice: cpu\nintra_node: {}\n")
     with pytest.raises(ValueError, match=r"missing keys \['inter_node'\]"):
         load_cluster(str(bad))
+
+
+def test_runtime_share_is_fitted_from_real_call_times():
+    """Calls that take 2x the model's time plus 50 ms give scale 2 and call_s 0.05."""
+    spec = ModelSpec("toy", 2, 64, 4, 4, 128, 195)
+    runs = []
+    for kind in ("generate", "inference", "train_step"):
+        for b, g in ((4, 8), (16, 16), (32, 4)):
+            work = cost.Work(kind, b, 10, g)
+            runs.append(calibrate.Sample(spec, work, 2 * cost.mfc_time(spec, Layout(), work,
+                                                                       TRUE, NO_NET) + 0.05))  # fmt: skip
+    fitted = calibrate.fit_runtime(TRUE, runs)
+    for kind in ("generate", "inference", "train_step"):
+        scale, call = fitted.runtime_of(kind)
+        assert scale == pytest.approx(2.0, rel=1e-3) and call == pytest.approx(0.05, rel=1e-2)
+    work = cost.Work("inference", 8, 10, 8)
+    assert cost.mfc_time(spec, Layout(), work, fitted, NO_NET) == pytest.approx(
+        2 * cost.mfc_time(spec, Layout(), work, TRUE, NO_NET) + 0.05, rel=1e-2
+    )
