@@ -66,9 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keys = ", ".join(sorted(k.split(".")[0] for k in leaf_paths(SearchConfig)))
     positional, mine, theirs = _split(argv)
-    if len(positional) != 1 or positional[0] in ("-h", "--help"):
+    if positional[:1] in (["-h"], ["--help"]):
+        print(USAGE.format(keys=keys))
+        return 0
+    if len(positional) != 1:
         print(USAGE.format(keys=keys), file=sys.stderr)
-        return EXIT_USAGE if positional[:1] != ["--help"] else 0
+        return EXIT_USAGE
     name = positional[0]
     if name not in EXPERIMENTS:
         guess = closest(name, EXPERIMENTS.names())

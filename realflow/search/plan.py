@@ -178,7 +178,7 @@ class Problem:
         calls that run there (one at a time)."""
         homes = {r: self.home(plan, r) for r in self.roles}
         out = []
-        for lo, hi in _segments(list(plan.values())):
+        for lo, hi in _segments([plan[t.name] for t in self.tasks if t.model is not None]):
             resident = 0.0
             for r, h in homes.items():
                 if h.lo <= lo < h.lo + h.n:
