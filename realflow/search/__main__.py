@@ -1,0 +1,3 @@
+from realflow.search.cli import main
+
+raise SystemExit(main())

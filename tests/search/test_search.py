@@ -1,0 +1,98 @@
+"""The search finds the known optimum: brute force on small clusters, and cases checked by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+from conftest import DEV, SMALL, make_cluster, ppo_problem
+
+from realflow.api.dfg import InterfaceSpec, MFCDef, build_dfg
+from realflow.parallel.layout import Layout
+from realflow.search import search
+from realflow.search.plan import Placement, problem_from_dfg
+
+
+def _brute_force(problem):
+    """Every combination of every MFC's candidates and of the placements the baselines use
+    (the search starts from those, so they are part of what it can reach)."""
+    names = search.searched(problem)
+    extra = [b.plan for b in search.baselines(problem) if b.plan]
+    cands = [
+        sorted({*search.candidates(problem, m, keep=100), *(p[m] for p in extra)}, key=str)
+        for m in names
+    ]
+    best, best_plan = search.INF, None
+    for combo in itertools.product(*cands):
+        plan = {**search._pinned(problem), **dict(zip(names, combo, strict=True))}
+        s = search.score(problem, plan)
+        if s < best:
+            best, best_plan = s, plan
+    return best, best_plan
+
+
+@pytest.mark.parametrize("per", [2, 3])
+def test_search_finds_the_brute_force_optimum_of_ppo(per):
+    """PPO's five MFCs with weights on 2 and 3 devices: every combination of every candidate
+    (all layouts, all ranges) against the search."""
+    problem, _ = ppo_problem(make_cluster(per=per), n_seqs=16)
+    best, _ = _brute_force(problem)
+    found = search.search(problem, budget_s=60, seed=1, max_iters=2000, keep=100)
+    assert found.step_time_s == pytest.approx(best, rel=1e-9)
+
+
+def _two_inferences(cluster, model=SMALL):
+    mfcs = [
+        MFCDef(n, n, "inference", InterfaceSpec("x"), 32, ("prompts",), (f"{n}_out",))
+        for n in ("a", "b")
+    ]
+    dfg = build_dfg(mfcs)
+    return problem_from_dfg(dfg, {"a": model, "b": model}, cluster, 64, 64)
+
+
+def test_independent_calls_go_to_their_own_devices():
+    """Two independent calls on 2 devices: side by side each takes t(1 device) at once; on both
+    devices they take 2 * t(2 devices) one after the other, which the fixed call cost makes
+    longer. The search must put them side by side."""
+    problem = _two_inferences(make_cluster(per=2))
+    one = problem.time("a", Placement(Layout(), 0))
+    two = problem.time("a", Placement(Layout(2, 1, 1), 0))
+    assert one < 2 * two  # the premise: side by side wins
+    found = search.search(problem, budget_s=10, max_iters=50)
+    assert found.step_time_s == pytest.approx(one)
+    assert {found.plan["a"].lo, found.plan["b"].lo} == {0, 1}
+    assert found.plan["a"].n == found.plan["b"].n == 1
+
+
+def test_a_model_too_big_for_one_device_gets_model_parallelism():
+    """A device holds 4 GB; the training state of this model (16 bytes per weight) needs more
+    than one, so the train step must shard it over both devices (tp or pp)."""
+    big = dataclasses.replace(SMALL, n_layers=24, hidden_size=1024, intermediate_size=2048)
+    assert big.params * 16 > DEV.memory * 0.9
+    assert big.params * 16 / 2 < DEV.memory * 0.9 * 0.8
+    mfcs = [MFCDef("train", "m", "train_step", InterfaceSpec("x"), 8, ("prompts",), ())]
+    problem = problem_from_dfg(build_dfg(mfcs), {"m": big}, make_cluster(per=2), 32, 32)
+    found = search.search(problem, budget_s=10, max_iters=50)
+    lay = found.plan["train"].layout
+    assert lay.tp * lay.pp == 2 and found.step_time_s < search.INF
+
+
+def test_nothing_fits_gives_no_plan():
+    huge = dataclasses.replace(SMALL, n_layers=200, hidden_size=4096, intermediate_size=8192)
+    problem = _two_inferences(make_cluster(per=2), huge)
+    found = search.search(problem, budget_s=5, max_iters=10)
+    assert found.step_time_s == search.INF and found.plan == {}
+
+
+def test_baselines_place_what_they_say(ppo4):
+    problem, _ = ppo4
+    col, halves, real = search.baselines(problem)
+    assert len({str(p) for p in col.plan.values() if p.n > 1}) == 1
+    assert all(p.n == 4 for m, p in col.plan.items() if m != "rew_inf")
+    assert str(halves.plan["actor_gen"]).endswith("@0-1")
+    assert all(str(p).endswith("@2-3") for m, p in halves.plan.items() if m not in
+               ("actor_gen", "rew_inf"))  # fmt: skip
+    assert all(p.n == 4 for m, p in real.plan.items() if m != "rew_inf")
+    best = search.search(problem, budget_s=20, max_iters=200)
+    assert best.step_time_s <= min(b.step_time_s for b in (col, halves, real))
