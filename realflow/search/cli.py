@@ -200,13 +200,16 @@ def _print_plan(problem: Any, plan: dict, sim: Any) -> None:
 
 def write_plan(path: str, plan: dict, problem: Any, step_s: float, argv: list[str],
                overrides: list[str]) -> None:  # fmt: skip
-    """plan.yaml: `allocation: {mfc: "<layout>@<workers>"}` (MFCs with weights) and the
+    """plan.yaml: `allocation: {mfc: "<layout>@<workers>"}` for every MFC (a weightless one,
+    e.g. a rule-based reward, pinned to device 0: a mesh allocation names every MFC) and the
     experiment keys the search was given, so a run uses the same batch and models."""
     import yaml
     from omegaconf import OmegaConf
 
-    alloc = {t.name: str(plan[t.name]) for t in problem.tasks if t.model is not None}
+    alloc = {t.name: str(plan[t.name]) for t in problem.tasks}
     keys = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))) if overrides else {}
+    if problem.cluster.n_devices > 1:  # several workers form a process group: Ray's
+        keys.setdefault("mode", "ray")
     header = (
         f"# python -m realflow.search {' '.join(argv)}\n"
         f"# predicted step time {step_s:.3f} s on {problem.cluster.name} "

@@ -39,28 +39,27 @@ def test_cli_prints_every_plan_and_writes_a_valid_allocation(plan_file, capsys):
     assert rc == 0
     plan = yaml.safe_load(out.read_text())
     assert plan["n_seqs"] == 8  # the experiment keys it was given
-    # every MFC with weights (rew_inf scores by rule: no weights, no allocation)
+    # every MFC (rew_inf scores by rule: no weights, pinned to device 0)
     assert sorted(plan["allocation"]) == sorted(
-        ["actor_gen", "ref_inf", "critic_inf", "actor_train", "critic_train"]
+        ["actor_gen", "ref_inf", "critic_inf", "actor_train", "critic_train", "rew_inf"]
     )
+    assert plan["allocation"]["rew_inf"] == "d1t1p1@0"
     tiny = builtin_config("tiny-llama", 195)
     for text in plan["allocation"].values():
         mesh = Mesh.parse(text)
         assert not layout_errors(tiny, mesh.layout)
         assert set(mesh.workers) <= {0, 1}
     trace = json.loads((d / "trace.json").read_text())
-    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} >= set(plan["allocation"])
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} >= set(plan["allocation"]) - {
+        "rew_inf"
+    }
+    assert plan["mode"] == "ray"  # two devices: the workers form a process group
     # the plan's experiment keys parse into the experiment config today
     keys = d / "keys.yaml"
     keys.write_text(yaml.safe_dump({k: v for k, v in plan.items() if k != "allocation"}))
     assert apply_overrides(PPOConfig, presets=[str(keys)]).n_seqs == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="allocation takes <layout>@<workers> per MFC once the sysmesh branch lands; remove "
-    "this marker then",
-)
 def test_quickstart_takes_the_plan_as_is(plan_file, capsys):
     rc, out, _ = plan_file
     capsys.readouterr()
