@@ -50,9 +50,9 @@ def test_cli_prints_every_plan_and_writes_a_valid_allocation(plan_file, capsys):
         assert not layout_errors(tiny, mesh.layout)
         assert set(mesh.workers) <= {0, 1}
     trace = json.loads((d / "trace.json").read_text())
-    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} >= set(plan["allocation"]) - {
-        "rew_inf"
-    }
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} >= set(
+        plan["allocation"]
+    ) - {"rew_inf"}
     assert plan["mode"] == "ray"  # two devices: the workers form a process group
     # the plan's experiment keys parse into the experiment config today
     keys = d / "keys.yaml"
