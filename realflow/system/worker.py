@@ -23,6 +23,7 @@ from realflow.api.dfg import InterfaceType, MFCDef
 from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES, METRICS, load_plugins
 from realflow.experiments.common import ExperimentConfig
+from realflow.system.devices import peak_memory_stats, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +346,7 @@ class ModelWorker:
         seed_name = mfc.name if req.round == 1 else f"{mfc.name}#round{req.round}"
         model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, seed_name))
         offload = mfc.model_name in self.offloaded
+        reset_peak_memory(device)
         if offload:
             model.module.onload()
         try:
@@ -352,6 +354,7 @@ class ModelWorker:
         finally:
             if offload:
                 model.module.offload()
+        stats = {**stats, **peak_memory_stats(device)}
         end = time.time()
         return MFCResult(
             mfc.name,
