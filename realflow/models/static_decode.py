@@ -21,6 +21,7 @@ eager run, so the draws are equal in distribution, not token for token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -149,8 +150,6 @@ class StaticDecoder:
             if i % CHECK_EVERY == 0 and not bool(self.alive_B.any()):
                 break
             self.step(i)
-        if self.use_graphs:
-            torch.cuda.current_stream().synchronize()
 
 
 def static_decode_loop(
@@ -174,7 +173,8 @@ def static_decode_loop(
         logits_BV = logits_BV.repeat_interleave(n_per_prompt, dim=0)
     use_graphs = gconfig.cuda_graphs and input_ids_T.device.type == "cuda"
     decoder = StaticDecoder(model, cache, gconfig, generator, stop_ids, use_graphs)
-    decoder.run(logits_BV)
+    with _no_autocast_cache() if use_graphs else contextlib.nullcontext():
+        decoder.run(logits_BV)
     return (
         decoder.tokens_NB.T,
         decoder.logp_NB.T,
@@ -182,3 +182,12 @@ def static_decode_loop(
         decoder.lens_B,
         decoder.stopped_B,
     )
+
+
+def _no_autocast_cache() -> contextlib.AbstractContextManager:
+    """The caller's CUDA autocast (e.g. a train engine's bf16) with its weight-cast cache off:
+    a graph captured with the cache on would read casts freed when the autocast region ends."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype("cuda")
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
