@@ -85,7 +85,10 @@ class StaticDecoder:
         self.logp_NB.index_copy_(0, self.step_1, logp_B[None].float())
         self.plain_NB.index_copy_(0, self.step_1, plain_B[None].float())
         self.lens_B += self.alive_B
-        hit_B = torch.isin(tok_B, self.stop_ids) & self.alive_B
+        # Not torch.isin: for a batch over ~10 rows it sorts through torch.unique, which waits
+        # for the host (and so cannot be captured).
+        is_stop_B = (tok_B[:, None] == self.stop_ids[None, :]).any(-1)
+        hit_B = is_stop_B & self.alive_B
         self.stopped_B |= hit_B
         self.alive_B &= ~hit_B
         self.tok_B.copy_(tok_B)
@@ -137,7 +140,8 @@ class StaticDecoder:
             graph.register_generator_state(self.generator)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: another worker thread's CUDA calls during the capture are no error.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self.body(*key)
         logger.debug("captured a decode graph for %s", key)
         return graph

@@ -109,3 +109,49 @@ def test_engine_is_checked_and_auto_is_eager_on_cpu(monkeypatch):
     monkeypatch.setattr(static_decode, "static_decode_loop", lambda *a, **kw: calls.append(1) / 0)
     _run(_model(), GCONFIGS[0], "auto")
     assert calls == []
+
+
+# Ops whose output shape or value must come back to the host before the next op can be queued:
+# on CUDA each one syncs (so the step could not be a CUDA graph).
+HOST_SYNC_OPS = {
+    "aten::_local_scalar_dense",  # .item(), bool(tensor), int(tensor)
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::repeat_interleave",
+    "aten::isin",  # sorts through unique for more than ~10 elements (inside the op: not seen)
+}
+
+
+def test_a_decode_step_calls_no_op_that_waits_for_the_host(monkeypatch):
+    """Every aten op of every decode step (the part a CUDA graph captures) is recorded on CPU:
+    none of them is one that needs its result on the host (such as torch.isin's unique, for
+    a batch of more than ~10 rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    record = Record()
+    body = static_decode.StaticDecoder.body
+
+    def recorded_body(self, *args):
+        with record:
+            body(self, *args)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "body", recorded_body)
+    g = GenerationConfig(
+        max_new_tokens=8, min_new_tokens=2, top_k=5, top_p=0.9, stop_token_ids=STOPS
+    )
+    _run(_model(), g, "static", n_per_prompt=4)  # 20 rows: torch.isin would sort here
+    assert "aten::mm" in record.ops or "aten::addmm" in record.ops  # the model ran in it
+    assert not record.ops & HOST_SYNC_OPS
