@@ -157,8 +157,9 @@ def bucket_length(n_B: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BucketPlan:
     """For each length bucket: `index_NL` (token of row n, slot l; padding slots repeat the
-    row's first token) and `valid_NL`; `order_T` puts the buckets' real tokens back in packed
-    order. Built on the host once per forward, moved to the device once."""
+    row's first token) and `real_K`, the flat (n * L + l) slots holding real tokens; `order_T`
+    puts the buckets' real tokens back in packed order. Built on the host once per forward,
+    moved to the device once; only integer indexing on the device (a boolean mask would sync)."""
 
     buckets: list[tuple[torch.Tensor, torch.Tensor]]
     order_T: torch.Tensor
@@ -174,7 +175,8 @@ class BucketPlan:
             slot_L = torch.arange(length)
             valid_NL = slot_L[None, :] < n_B[rows, None]
             index_NL = torch.where(valid_NL, start_B[rows, None] + slot_L, start_B[rows, None])
-            buckets.append((index_NL.to(device), valid_NL.to(device)))
+            real_K = valid_NL.flatten().nonzero().squeeze(-1)
+            buckets.append((index_NL.to(device), real_K.to(device)))
             token_ids.append(index_NL[valid_NL])
         order_T = torch.argsort(torch.cat(token_ids))
         return cls(buckets, order_T.to(device))
@@ -186,9 +188,10 @@ def _sdpa_bucketed(q_THD, k_TKD, v_TKD, seqs: PackedSeqs, scale: float) -> torch
     if seqs.bucket_plan is None or seqs.bucket_plan.order_T.device != q_THD.device:
         seqs.bucket_plan = BucketPlan.build(seqs, q_THD.device)
     outs = []
-    for index_NL, valid_NL in seqs.bucket_plan.buckets:
+    for index_NL, real_K in seqs.bucket_plan.buckets:
         q, k, v = (x[index_NL].transpose(1, 2) for x in (q_THD, k_TKD, v_TKD))
-        outs.append(_sdpa(q, k, v, scale).transpose(1, 2)[valid_NL])
+        out_NLHD = _sdpa(q, k, v, scale).transpose(1, 2)
+        outs.append(out_NLHD.flatten(0, 1)[real_K])
     return torch.cat(outs)[seqs.bucket_plan.order_T]
 
 
