@@ -349,8 +349,14 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 
 
 def _cache_dtype(model: PackedTransformer) -> torch.dtype:
+    """The dtype keys/values are computed in: the model's autocast, else the caller's (a train
+    engine's bf16 over fp32 weights: an fp32 cache would be cast back for every decode
+    attention), else the weights'."""
     if model.config.autocast_dtype is not None:
         return getattr(torch, model.config.autocast_dtype)
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return next(model.parameters()).dtype
 
 

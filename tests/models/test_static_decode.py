@@ -155,3 +155,28 @@ def test_a_decode_step_calls_no_op_that_waits_for_the_host(monkeypatch):
     _run(_model(), g, "static", n_per_prompt=4)  # 20 rows: torch.isin would sort here
     assert "aten::mm" in record.ops or "aten::addmm" in record.ops  # the model ran in it
     assert not record.ops & HOST_SYNC_OPS
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_under_a_callers_autocast_the_cache_holds_what_attention_reads(monkeypatch, engine):
+    """fp32 weights under a caller's bf16 autocast (a train engine generating): keys/values come
+    out of bf16 matmuls, so a bf16 cache loses nothing against an fp32 one and is not cast back
+    for every decode attention."""
+    from realflow.models import generation
+
+    dtypes = []
+    init = KVCache.__init__
+
+    def spy(self, *args, **kw):
+        init(self, *args, **kw)
+        dtypes.append(self._k.dtype)
+
+    monkeypatch.setattr(KVCache, "__init__", spy)
+    model = _model()
+    g = GCONFIGS[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(model, g, engine, n_per_prompt=2)
+        monkeypatch.setattr(generation, "_cache_dtype", lambda m: torch.float32)
+        want = _run(model, g, engine, n_per_prompt=2)
+    assert dtypes == [torch.bfloat16, torch.float32]
+    _same(got, want)
