@@ -492,6 +492,7 @@ def parse() -> argparse.Namespace:
 def main() -> int:
     a = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("realflow.models.static_decode").setLevel(logging.DEBUG)  # capture times
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --dry for a CPU smoke test)")
     import transformers

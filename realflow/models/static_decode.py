@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 
@@ -72,6 +73,7 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._warm = False
+        self.capture_s = 0.0  # host time spent capturing graphs (logged at debug level)
 
     # ------------------------------------------------------------------------- the step body
 
@@ -125,7 +127,9 @@ class StaticDecoder:
                 self.body(*key)
             torch.cuda.current_stream().wait_stream(side)
         else:
+            start = time.perf_counter()
             self._graphs[key] = self._capture(key)
+            self.capture_s += time.perf_counter() - start
             self._graphs[key].replay()
 
     def _capture(self, key: tuple[int, bool]) -> torch.cuda.CUDAGraph:
@@ -143,7 +147,6 @@ class StaticDecoder:
         # thread_local: another worker thread's CUDA calls during the capture are no error.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self.body(*key)
-        logger.debug("captured a decode graph for %s", key)
         return graph
 
     def run(self, first_logits_BV: torch.Tensor) -> None:
@@ -154,6 +157,13 @@ class StaticDecoder:
             if i % CHECK_EVERY == 0 and not bool(self.alive_B.any()):
                 break
             self.step(i)
+        if self._graphs:
+            logger.debug(
+                "%d decode graphs (attention slots, stop tokens banned): %s, captured in %.3f s",
+                len(self._graphs),
+                sorted(self._graphs),
+                self.capture_s,
+            )
 
 
 def static_decode_loop(
@@ -177,7 +187,7 @@ def static_decode_loop(
         logits_BV = logits_BV.repeat_interleave(n_per_prompt, dim=0)
     use_graphs = gconfig.cuda_graphs and input_ids_T.device.type == "cuda"
     decoder = StaticDecoder(model, cache, gconfig, generator, stop_ids, use_graphs)
-    with _no_autocast_cache() if use_graphs else contextlib.nullcontext():
+    with _graph_context(input_ids_T.device) if use_graphs else contextlib.nullcontext():
         decoder.run(logits_BV)
     return (
         decoder.tokens_NB.T,
@@ -188,10 +198,16 @@ def static_decode_loop(
     )
 
 
-def _no_autocast_cache() -> contextlib.AbstractContextManager:
-    """The caller's CUDA autocast (e.g. a train engine's bf16) with its weight-cast cache off:
-    a graph captured with the cache on would read casts freed when the autocast region ends."""
-    if not torch.is_autocast_enabled("cuda"):
-        return contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype("cuda")
-    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
+@contextlib.contextmanager
+def _graph_context(device: torch.device):
+    """Where graphs are captured: on `device` (a graph captures on the current device's
+    stream; a worker's model may be on cuda:i), under the caller's CUDA autocast (e.g. a train
+    engine's bf16) with its weight-cast cache off (a graph captured with the cache on would
+    read casts freed when that autocast region ends)."""
+    with torch.cuda.device(device):
+        if not torch.is_autocast_enabled("cuda"):
+            yield
+            return
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False):
+            yield
