@@ -42,3 +42,21 @@ def test_dry_run_of_every_case(tmp_path):
     grpo = cases["grpo_step"]
     assert len(grpo["step_s"]) == 1 and {"actor_gen", "actor_train"} <= set(grpo["mfc_s_last_step"])
     assert "| train | realflow |" in proc.stdout  # the table
+
+
+def test_a_failing_side_is_recorded_and_the_others_still_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks/gpu/bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = bench  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    ran = []
+
+    def fails():
+        raise RuntimeError("no kernel")
+
+    out = bench.compare({"a": fails, "b": lambda: ran.append(1)}, reps=2, n_tokens=10)
+    assert out["a"] == {"error": "RuntimeError: no kernel"}
+    assert out["b"]["seconds"] >= 0 and len(ran) == 3  # warm-up + 2 reps
+    assert bench.ratio(out, "a", "b") is None

@@ -108,13 +108,26 @@ def timed(fn: Callable[[], object], reps: int, warmup: bool = True) -> dict[str,
 def compare(
     sides: dict[str, Callable[[], object]], reps: int, n_tokens: int, warmup: bool = True
 ) -> dict:
-    """Time every side; add tokens/s. One timing loop for realflow and HF alike."""
+    """Time every side; add tokens/s. One timing loop for realflow and HF alike. A side that
+    fails is recorded as {"error": ...} and the others still run."""
     out = {}
     for name, fn in sides.items():
-        r = timed(fn, reps, warmup)
+        try:
+            r = timed(fn, reps, warmup)
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            logger.error("  %s failed:\n%s", name, traceback.format_exc())
+            continue
         out[name] = {**r, "tok_per_s": n_tokens / r["seconds"]}
         logger.info("  %s: %.3f s, %.0f tok/s", name, r["seconds"], out[name]["tok_per_s"])
     return out
+
+
+def ratio(out: dict, slow: str, fast: str) -> float | None:
+    """seconds(slow) / seconds(fast), None when either side failed."""
+    if "seconds" not in out.get(slow, {}) or "seconds" not in out.get(fast, {}):
+        return None
+    return out[slow]["seconds"] / out[fast]["seconds"]
 
 
 @contextlib.contextmanager
@@ -196,11 +209,7 @@ def case_attention(b: Bench) -> dict:
 
         return fn
 
-    out = {"tokens": t}
-    for impl in impls:
-        out[impl] = timed(run(impl), b.args.reps)
-        logger.info("  %s: %.2f ms", impl, 1e3 * out[impl]["seconds"])
-    return out
+    return {"tokens": t, **compare({impl: run(impl) for impl in impls}, b.args.reps, t)}
 
 
 def case_train(b: Bench) -> dict:
@@ -220,26 +229,47 @@ def case_train(b: Bench) -> dict:
         loss = torch.nn.functional.cross_entropy(logits[:, :-1][pred].float(), padded[:, 1:][pred])
         loss.backward()
 
+    def bucketed_step():  # the fallback kernel, for comparison (attn_impl="auto" is above)
+        auto, b.ours.config.attn_impl = b.ours.config.attn_impl, "sdpa_bucketed"
+        try:
+            ours_step()
+        finally:
+            b.ours.config.attn_impl = auto
+
     real, pad = sum(lens), padded.numel()
+    sides = {
+        "realflow": ours_step,
+        "realflow_sdpa_bucketed": bucketed_step,
+        "hf_sdpa_padded": hf_step,
+    }
     b.ours.train(), b.hf.train()
     try:
-        out = compare({"realflow": ours_step, "hf_sdpa_padded": hf_step}, b.args.reps, real)
+        out = compare(sides, b.args.reps, real)
     finally:
         b.ours.eval(), b.hf.eval()
         b.ours.zero_grad(set_to_none=True), b.hf.zero_grad(set_to_none=True)
     for side in out.values():
-        side["mfu"] = 6 * b.n_params * real / side["seconds"] / (PEAK_TFLOPS * 1e12)
-    speedup = out["hf_sdpa_padded"]["seconds"] / out["realflow"]["seconds"]
+        if "seconds" in side:
+            side["mfu"] = 6 * b.n_params * real / side["seconds"] / (PEAK_TFLOPS * 1e12)
+    speedup = ratio(out, "hf_sdpa_padded", "realflow")
     return {
         **out,
+        "attn_impl": _resolved_attn(b),
         "real_tokens": real,
         "padded_tokens": pad,
         "padding_ratio": pad / real,
         "speedup": speedup,
-        "speedup_over_padding_ratio": speedup / (pad / real),
-        "met_mfu_35": out["realflow"]["mfu"] >= 0.35,
-        "met_speedup_80pct_of_padding": speedup >= 0.8 * pad / real,
+        "speedup_over_padding_ratio": speedup and speedup / (pad / real),
+        "met_mfu_35": out["realflow"].get("mfu", 0) >= 0.35,
+        "met_speedup_80pct_of_padding": bool(speedup and speedup >= 0.8 * pad / real),
     }
+
+
+def _resolved_attn(b: Bench) -> str:
+    from realflow.models.attention import resolve_attn_impl
+
+    dtype = next(b.ours.parameters()).dtype
+    return resolve_attn_impl(b.ours.config.attn_impl, torch.device(b.device), dtype)
 
 
 def _gen_sides(b: Bench, stop_ids: list[int]) -> tuple[dict, int, int]:
@@ -284,7 +314,14 @@ def _gen_sides(b: Bench, stop_ids: list[int]) -> tuple[dict, int, int]:
 
         return run
 
+    no_graphs = GenerationConfig(max_new_tokens=a.new, eos_token_ids=stop_ids, cuda_graphs=False)
+
+    def ours_no_graphs():  # the static step run eagerly: what the graphs save
+        gen = torch.Generator(device=b.device).manual_seed(0)
+        generate(b.ours, ids_T, cu, dataclasses.replace(no_graphs, engine="static"), gen)
+
     sides = {
+        "realflow_static_no_graphs": ours_no_graphs,  # first: it also warms the decode kernels
         "realflow_static": ours("static", b.ours, False),
         "realflow_static_fp32_autocast": ours("static", b.ours_fp32, True),
         "realflow_eager": ours("eager", b.ours, False),
@@ -300,15 +337,16 @@ def case_generate(b: Bench) -> dict:
     n_tokens = n_prompts * b.args.new
     # No warm-up run: the train case warmed the GPU, and each call captures its own graphs.
     out = compare(sides, b.args.gen_reps, n_tokens, warmup=False)
-    base = out["hf_top_k50"]["seconds"]
-    for side in out.values():
-        side["speedup_vs_hf_top_k50"] = base / side["seconds"]
-        side["ms_per_step"] = 1e3 * side["seconds"] / b.args.new
+    for name, side in out.items():
+        if "seconds" in side:
+            side["speedup_vs_hf_top_k50"] = ratio(out, "hf_top_k50", name)
+            side["ms_per_step"] = 1e3 * side["seconds"] / b.args.new
+    speedup = ratio(out, "hf_top_k50", "realflow_static")
     return {
         **out,
         "prompts": n_prompts,
         "new_tokens": b.args.new,
-        "met_10x": out["realflow_static"]["speedup_vs_hf_top_k50"] >= 10,
+        "met_10x": bool(speedup and speedup >= 10),
     }
 
 
@@ -318,10 +356,13 @@ def case_generate_eos(b: Bench) -> dict:
     sides, made, n_prompts = _gen_sides(b, stop_ids)
     out = {}
     for name in ("realflow_static", "hf_top_k50"):
-        r = timed(sides[name], b.args.gen_reps, warmup=False)
-        out[name] = {**r, "tokens": made["n"], "tok_per_s": made["n"] / r["seconds"]}
-        logger.info("  %s: %.3f s, %d tokens", name, r["seconds"], made["n"])
-    out["speedup_tok_per_s"] = out["realflow_static"]["tok_per_s"] / out["hf_top_k50"]["tok_per_s"]
+        made["n"] = 0
+        out.update(compare({name: sides[name]}, b.args.gen_reps, 1, warmup=False))
+        if "seconds" in out[name]:  # tokens/s over the tokens this side made
+            out[name].update(tokens=made["n"], tok_per_s=made["n"] / out[name]["seconds"])
+    rf, hf = out["realflow_static"], out["hf_top_k50"]
+    if "tok_per_s" in rf and "tok_per_s" in hf:
+        out["speedup_tok_per_s"] = rf["tok_per_s"] / hf["tok_per_s"]
     return {**out, "prompts": n_prompts, "max_new_tokens": b.args.new, "stop_ids": len(stop_ids)}
 
 
@@ -551,6 +592,8 @@ def table(res: dict) -> str:
             rows.append(f"| {case} | | | | | | {r.get('error') or r.get('skipped')} |")
             continue
         for side, s in r.items():
+            if isinstance(s, dict) and "error" in s:
+                rows.append(f"| {case} | {side} | | | | | {s['error'][:200]} |")
             if isinstance(s, dict) and "seconds" in s:
                 mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else ""
                 tps = f"{s['tok_per_s']:.0f}" if "tok_per_s" in s else ""
