@@ -59,11 +59,12 @@ class ModelConfig:
     )
     backend: str = field_("torch", "Training backend.", choices=("torch", "deepspeed"))
     zero_stage: int = field_(2, "deepspeed ZeRO stage (backend=deepspeed).", choices=(0, 1, 2, 3))
-    bf16: bool = field_(
-        False,
-        "bf16 compute. Trained roles keep fp32 master weights and optimizer state whatever the "
-        "checkpoint's dtype (torch: autocast; deepspeed: bf16 weight copies). Roles never "
-        "trained keep the checkpoint's dtype with bf16, and are upcast to fp32 without it.",
+    bf16: bool | None = field_(
+        None,
+        "bf16 compute; unset: true on a GPU, false on CPU. Trained roles keep fp32 master "
+        "weights and optimizer state whatever the checkpoint's dtype (torch: autocast; "
+        "deepspeed: bf16 weight copies). Roles never trained are held in bf16 on a GPU (the "
+        "checkpoint's dtype on CPU) with bf16, and are upcast to fp32 without it.",
     )
     offload: bool = field_(
         False,
@@ -101,11 +102,15 @@ class ModelConfig:
         "both roles go on one worker.",
     )
 
-    def engine_config(self) -> EngineConfig:
+    def resolved_bf16(self, device_type: str) -> bool:
+        """`bf16` on a device of this type: unset means true on CUDA, false elsewhere."""
+        return device_type == "cuda" if self.bf16 is None else self.bf16
+
+    def engine_config(self, device_type: str = "cpu") -> EngineConfig:
         return EngineConfig(
             backend=self.backend,
             zero_stage=self.zero_stage,
-            bf16=self.bf16,
+            bf16=self.resolved_bf16(device_type),
             offload=self.offload,
             save_dtype=self.save_dtype,
             generate_merged=self.generate_merged,

@@ -45,6 +45,20 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         intermediate_size=256,
         max_position_embeddings=1024,
     ),
+    # Qwen2-0.5B's shape (random init): the GPU benchmark's model (benchmarks/gpu/bench_gpu.py).
+    "qwen2-0.5b": dict(
+        _LLAMA,
+        family="qwen2",
+        hidden_size=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        intermediate_size=4864,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
     "small-llama": dict(
         _LLAMA, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=1376
     ),

@@ -11,7 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ROPE_TYPES = ("default", "linear", "llama3")
-ATTN_IMPLS = ("auto", "flash", "sdpa_varlen", "sdpa_grouped", "sdpa_blockmask")
+ATTN_IMPLS = (
+    "auto",
+    "flash",
+    "torch_varlen",
+    "sdpa_bucketed",
+    "sdpa_varlen",
+    "sdpa_grouped",
+    "sdpa_blockmask",
+)
 HEADS = ("lm", "critic", "reward")
 
 

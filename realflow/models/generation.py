@@ -4,9 +4,14 @@
                    generator=torch.Generator().manual_seed(0))
     out.output_ids_T, out.output_cu_seqlens_B1, out.logprobs_T, out.no_eos_mask_B
 
-The prompts run as one packed prefill (no padding). Each decode step batches the still-active
-sequences only: a sequence that emits EOS / a stop token (or reaches max_new_tokens) leaves the
-batch and its cache row is dropped.
+The prompts run as one packed prefill (no padding). Two decode engines (`GenerationConfig.engine`):
+- `eager`: each decode step batches the still-active sequences only: a sequence that emits EOS /
+  a stop token (or reaches max_new_tokens) leaves the batch and its cache row is dropped (a copy).
+  Tensor / pipeline-parallel generation always runs this one.
+- `static` (realflow.models.static_decode): fixed-shape buffers, the batch stays dense (finished
+  rows keep running, masked), no host sync per token, and on CUDA the decode step is a CUDA graph.
+`auto` is `static` on CUDA and `eager` elsewhere. Both draw the same noise per step for every
+sequence of the batch, so under one seed they give the same tokens (up to float rounding).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from realflow.models.kv_cache import KVCache
 from realflow.models.transformer import PackedTransformer, check_packed
 
 logger = logging.getLogger(__name__)
+
+DECODE_ENGINES = ("auto", "eager", "static")
 
 
 @dataclass
@@ -43,9 +50,15 @@ class GenerationConfig:
     top_p: float = 1.0
     eos_token_ids: list[int] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # How decoding runs (see the module docstring): "auto" | "eager" | "static"; cuda_graphs
+    # False runs the static engine's step without capturing it (debugging, comparisons).
+    engine: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         errors = []
+        if self.engine not in DECODE_ENGINES:
+            errors.append(f"engine ({self.engine!r}) must be one of {DECODE_ENGINES}")
         if self.max_new_tokens < 1:
             errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -132,15 +145,32 @@ def process_logits(logits_BV: torch.Tensor, gconfig: GenerationConfig) -> torch.
     return logits
 
 
+def exponential_noise(
+    n_rows: int, vocab: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Exp(1) noise `noise_BV` (fp32) for `sample_tokens`, clamped away from 0."""
+    noise = torch.empty(n_rows, vocab, dtype=torch.float32, device=device)
+    return noise.exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
+
+
 def sample_tokens(
-    logits_BV: torch.Tensor, gconfig: GenerationConfig, generator: torch.Generator | None
+    logits_BV: torch.Tensor,
+    gconfig: GenerationConfig,
+    generator: torch.Generator | None,
+    noise_BV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens_B, logprobs_B) drawn from `process_logits(logits_BV)`."""
+    """(tokens_B, logprobs_B) drawn from `process_logits(logits_BV)`.
+
+    A draw is `argmax(p / E)` with E ~ Exp(1) per token (the exponential race, what
+    torch.multinomial does for one sample): one elementwise pass and an argmax, no host sync.
+    `noise_BV` is E (default: drawn from `generator`); filtered tokens (p = 0) are never drawn."""
     logp_BV = torch.log_softmax(process_logits(logits_BV, gconfig), dim=-1)
     if gconfig.greedy:
         tokens_B = logp_BV.argmax(-1)
     else:
-        tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+        if noise_BV is None:
+            noise_BV = exponential_noise(*logp_BV.shape, logp_BV.device, generator)
+        tokens_B = (logp_BV - noise_BV.log()).argmax(-1)
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
@@ -175,10 +205,16 @@ class DecodeStep(Protocol):
         ...
 
     def pick(
-        self, logits_BV: torch.Tensor | None, step: int, stop_ids: torch.Tensor, n_rows: int
+        self,
+        logits_BV: torch.Tensor | None,
+        step: int,
+        stop_ids: torch.Tensor,
+        rows_B: torch.Tensor,
+        n_total: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens_B, logprobs_B, plain_logprobs_B) of new step `step` for the `n_rows` active
-        rows, the same on every rank (see `pick_tokens`)."""
+        """(tokens_B, logprobs_B, plain_logprobs_B) of new step `step` for the active rows
+        `rows_B` (their indices among the `n_total` sequences), the same on every rank (see
+        `pick_tokens`)."""
         ...
 
 
@@ -197,8 +233,10 @@ class LocalDecodeStep:
         h = self.model.hidden_states(ids_T, seqs, position_ids_T, cache=cache)
         return self.model.lm_head(h if rows is None else h[rows])
 
-    def pick(self, logits_BV, step, stop_ids, n_rows):
-        return pick_tokens(logits_BV, step, stop_ids, self.gconfig, self.generator)
+    def pick(self, logits_BV, step, stop_ids, rows_B, n_total):
+        return pick_tokens(
+            logits_BV, step, stop_ids, self.gconfig, self.generator, rows_B=rows_B, n_total=n_total
+        )
 
 
 def pick_tokens(
@@ -207,13 +245,23 @@ def pick_tokens(
     stop_ids: torch.Tensor,
     gconfig: GenerationConfig,
     generator: torch.Generator | None,
+    rows_B: torch.Tensor | None = None,
+    n_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_tokens`, with stop tokens banned before `min_new_tokens`; also returns the
-    tokens' log-probs under the unfiltered distribution (`plain_logprobs`)."""
+    tokens' log-probs under the unfiltered distribution (`plain_logprobs`).
+
+    With `rows_B` (the active rows' indices among `n_total` sequences) the noise is drawn for
+    all `n_total` and each row takes its own, so a sequence's draws do not depend on which
+    others have finished (the eager and static engines then agree under one seed)."""
     draw_BV = logits_BV
     if step < gconfig.min_new_tokens and stop_ids.numel():
         draw_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
-    tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator)
+    noise_BV = None
+    if rows_B is not None and not gconfig.greedy:
+        noise_BV = exponential_noise(n_total, logits_BV.shape[-1], logits_BV.device, generator)
+        noise_BV = noise_BV[rows_B]
+    tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator, noise_BV)
     return tok_B, logp_B, plain_logprobs(logits_BV, tok_B, plain_temperature(gconfig))
 
 
@@ -259,16 +307,27 @@ def generate(
     b = len(seqs.seqlens) * n_per_prompt
     n_layers, n_kv, head_dim = model.kv_cache_dims()
     cache = KVCache(n_layers, b, n_kv, head_dim, max_len, _cache_dtype(model), device)
+    static = step is None and resolve_engine(gconfig.engine, device) == "static"
+    graphs = static and gconfig.cuda_graphs and device.type == "cuda"
     step = LocalDecodeStep(model, gconfig, generator) if step is None else step
     was_training = model.training
     model.eval()
     try:
-        with model.autocast():
-            tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B = _decode_loop(
-                step, input_ids_T, seqs, cache, gconfig, stop_ids, n_per_prompt
-            )
+        # Autocast's weight-cast cache must be off while a CUDA graph is captured.
+        with model.autocast(cache_enabled=not graphs):
+            if static:
+                from realflow.models.static_decode import static_decode_loop
+
+                loop_out = static_decode_loop(
+                    model, input_ids_T, seqs, cache, gconfig, generator, stop_ids, n_per_prompt
+                )
+            else:
+                loop_out = _decode_loop(
+                    step, input_ids_T, seqs, cache, gconfig, stop_ids, n_per_prompt
+                )
     finally:
         model.train(was_training)
+    tokens_BN, logprobs_BN, plain_BN, lens_B, stopped_B = loop_out
     keep_BN = torch.arange(gconfig.max_new_tokens, device=device)[None, :] < lens_B[:, None]
     cu = torch.zeros(b + 1, dtype=torch.int32, device=device)
     cu[1:] = lens_B.cumsum(0)
@@ -282,9 +341,22 @@ def generate(
     )
 
 
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """The decode engine to run: `auto` is `static` on CUDA, `eager` elsewhere."""
+    if engine == "auto":
+        return "static" if device.type == "cuda" else "eager"
+    return engine
+
+
 def _cache_dtype(model: PackedTransformer) -> torch.dtype:
+    """The dtype keys/values are computed in: the model's autocast, else the caller's (a train
+    engine's bf16 over fp32 weights: an fp32 cache would be cast back for every decode
+    attention), else the weights'."""
     if model.config.autocast_dtype is not None:
         return getattr(torch, model.config.autocast_dtype)
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return next(model.parameters()).dtype
 
 
@@ -313,7 +385,7 @@ def _decode_loop(step: DecodeStep, input_ids_T, seqs, cache, gconfig, stop_ids, 
     active_B = torch.arange(b, device=device)  # original index of each active row
     step_seqs = PackedSeqs(torch.arange(b + 1, dtype=torch.int32, device=device), [1] * b, 1)
     for i in range(n_new):
-        tok_B, logp_B, plain_B = step.pick(logits_BV, i, stop_ids, active_B.numel())
+        tok_B, logp_B, plain_B = step.pick(logits_BV, i, stop_ids, active_B, b)
         tokens_BN[active_B, i] = tok_B
         logprobs_BN[active_B, i] = logp_B
         plain_BN[active_B, i] = plain_B

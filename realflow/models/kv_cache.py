@@ -5,6 +5,10 @@ Layout: `k`, `v` of shape (n_layers, B, K, L_max, D); row b holds sequence b's k
 never padded in compute); each decode step writes one slot per active row and attends over the
 first `max(lens)+1` slots with a per-row length mask. Finished rows are dropped by compacting the
 active rows to the front (`keep`), so later steps neither compute nor attend for them.
+
+The static engine (realflow.models.static_decode) uses `start_static_step` instead: rows never
+move, every row appends at its own position (a device buffer), and attention covers a fixed
+number of slots, so a step has fixed shapes and no host sync (it can be a CUDA graph).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class KVCache:
         self._write_index: torch.Tensor | None = None  # flat slot of each (token, kv head)
         self._group = 1
         self._mask_B11L: torch.Tensor | None = None
+        self._attend_len: int | None = None  # set by start_static_step
 
     # ------------------------------------------------------------------------------ prefill
 
@@ -105,6 +110,16 @@ class KVCache:
         self._write_index = self._flat_index(rows_B, self.lens_B)
         return self.lens_B
 
+    def start_static_step(self, positions_B: torch.Tensor, attend_len: int) -> None:
+        """Begin a fixed-shape step: row b appends at slot `positions_B[b]` and attends over
+        slots 0..positions_B[b] of the first `attend_len`; nothing here reads the host."""
+        self.decoding = True
+        self._attend_len = attend_len
+        slots = torch.arange(attend_len, device=positions_B.device)
+        self._mask_B11L = (slots[None, :] <= positions_B[:, None])[:, None, None, :]
+        rows_B = torch.arange(self.n_rows, device=positions_B.device)
+        self._write_index = self._flat_index(rows_B, positions_B)
+
     def attend_decode(
         self,
         layer: int,
@@ -117,7 +132,7 @@ class KVCache:
         self._write(layer, k_BKD, v_BKD)
         k_cache = self._k[layer, : self.n_rows]
         v_cache = self._v[layer, : self.n_rows]
-        length = self._max_used + 1
+        length = self._max_used + 1 if self._attend_len is None else self._attend_len
         return decode_attention(
             q_BHD,
             k_cache[:, :, :length],

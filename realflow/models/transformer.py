@@ -140,12 +140,15 @@ class PackedTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """torch.autocast to `config.autocast_dtype` on the model's device, or a no-op."""
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+        """torch.autocast to `config.autocast_dtype` on the model's device, or a no-op
+        (`cache_enabled=False` while capturing a CUDA graph)."""
         if self.config.autocast_dtype is None:
             return contextlib.nullcontext()
         dtype = getattr(torch, self.config.autocast_dtype)
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(
+            device_type=self.device.type, dtype=dtype, cache_enabled=cache_enabled
+        )
 
     def hidden_states(
         self,

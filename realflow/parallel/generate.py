@@ -60,11 +60,11 @@ class ParallelDecodeStep:
         shard = self.model.vocab_shard
         return logits if shard is None else gather_vocab(logits, shard)
 
-    def pick(self, logits_BV, step: int, stop_ids: torch.Tensor, n_rows: int):
-        picked = torch.empty(3, n_rows, dtype=torch.float64, device=self.device)
+    def pick(self, logits_BV, step: int, stop_ids: torch.Tensor, rows_B, n_total: int):
+        picked = torch.empty(3, rows_B.numel(), dtype=torch.float64, device=self.device)
         if self.groups.rank == self.sampler:
             tok_B, logp_B, plain_B = pick_tokens(
-                logits_BV, step, stop_ids, self.gconfig, self.generator
+                logits_BV, step, stop_ids, self.gconfig, self.generator, rows_B, n_total
             )
             picked[0], picked[1], picked[2] = tok_B, logp_B, plain_B
         dist.broadcast(picked, self.sampler, group=self.groups.mp_group)

@@ -85,3 +85,22 @@ def process_group_backend(device: str) -> str:
     """torch.distributed backend of the workers' group: NCCL for CUDA tensors, gloo for CPU
     tensors (always there, for CPU-side data and metadata)."""
     return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start measuring the peak memory of one call on `device` (CUDA only; see
+    `peak_memory_stats`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_stats(device: torch.device | str) -> dict[str, float]:
+    """`{"peak_memory_gib": ...}`: the most memory allocated on a CUDA `device` since
+    `reset_peak_memory` (torch.cuda.max_memory_allocated; calls running at the same time on one
+    GPU share it). Empty on CPU: the process's peak RSS never resets, so no per-call figure
+    would be honest."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}

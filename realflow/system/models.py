@@ -64,18 +64,22 @@ def build_module(
     ).model
 
 
-def weights_dtype(role: ModelRole, trained: bool) -> torch.dtype | None:
+def weights_dtype(role: ModelRole, trained: bool, device: torch.device = CPU) -> torch.dtype | None:
     """The dtype a role's weights are built in (None: the checkpoint's).
 
     Trained roles arrive in the checkpoint's dtype and their engine upcasts them to fp32 master
-    weights (and saves them back in that dtype by default). Roles never trained keep the
-    checkpoint's dtype under bf16 compute (2 bytes per parameter for a bf16 checkpoint), and
-    are upcast to fp32 without it, so that they compute what an fp32 trained role computes.
-    The frozen base weights of a role trained with adapters follow the never-trained rule (its
-    adapters are fp32 masters).
+    weights (and saves them back in that dtype by default). Roles never trained, under bf16
+    compute (the default on a GPU), are held in bf16 on a GPU (2 bytes per parameter) and in
+    the checkpoint's dtype on CPU; without bf16 they are upcast to fp32, so that they compute
+    what an fp32 trained role computes. The frozen base weights of a role trained with
+    adapters follow the never-trained rule (its adapters are fp32 masters).
     """
     fully_trained = trained and role.config.adapters() is None
-    return None if fully_trained or role.config.bf16 else torch.float32
+    if fully_trained:
+        return None
+    if not role.config.resolved_bf16(device.type):
+        return torch.float32
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def build_model(
@@ -100,7 +104,7 @@ def build_model(
         logger.info("built %s as the base weights of %s on %s", name, role.config.base_of, device)
         engine = BaseWeightsEngine(base_owner.module, role.config.base_of)
         return Model(name=name, module=engine, tokenizer=base_owner.tokenizer)
-    module = build_module(role, seed, weights_dtype(role, trained), device)
+    module = build_module(role, seed, weights_dtype(role, trained, device), device)
     tokenizer = load_role_tokenizer(role)
     if module is None:
         engine = None
@@ -111,11 +115,15 @@ def build_model(
 
             apply_adapters(module, spec, seed, role.config.path)
         engine = build_train_engine(
-            module, role.config.engine_config(), role.config.optimizer, total_train_steps, dp_group
+            module,
+            role.config.engine_config(device.type),
+            role.config.optimizer,
+            total_train_steps,
+            dp_group,
         )
     else:
         module.requires_grad_(False)
-        engine = InferenceEngine(module, role.config.engine_config())
+        engine = InferenceEngine(module, role.config.engine_config(device.type))
     logger.info(
         "built %s (%s, head=%s, %s) on %s",
         name,

@@ -24,6 +24,7 @@ from realflow.api.interface import Model, ModelInterface
 from realflow.api.registry import INTERFACES, METRICS, load_plugins
 from realflow.experiments.allocation import MeshPlan
 from realflow.experiments.common import ExperimentConfig
+from realflow.system.devices import peak_memory_stats, reset_peak_memory
 from realflow.system.mesh import MeshCopies, ReallocRequest, ReallocResult
 
 logger = logging.getLogger(__name__)
@@ -395,6 +396,7 @@ class ModelWorker:
         seed_name = mfc.name if req.round == 1 else f"{mfc.name}#round{req.round}"
         model.rng.manual_seed(call_seed(self.spec.config.seed, req.step, seed_name))
         offload = mfc.model_name in self.offloaded
+        reset_peak_memory(device)
         if offload:
             model.module.onload()
         try:
@@ -402,6 +404,7 @@ class ModelWorker:
         finally:
             if offload:
                 model.module.offload()
+        stats = {**stats, **peak_memory_stats(device)}
         if req.release_after:
             assert self.mesh is not None
             self.mesh.release(mfc.name)

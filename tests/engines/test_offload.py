@@ -66,7 +66,7 @@ def cuda_loss(module, mb):
     return torch.nn.functional.cross_entropy(logits[keep], ids.roll(-1)[keep]), {}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload moves something only on CUDA")
+@pytest.mark.cuda  # offload moves something only on CUDA
 def test_cuda_offload_frees_the_device_and_trains_alike():
     def engine(offload: bool):
         return build_train_engine(

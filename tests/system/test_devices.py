@@ -121,6 +121,16 @@ def test_run_logs_the_device_of_each_role(tmp_path, caplog, device):
         assert f"worker {worker} on {want[worker]}: {role}" in messages
         built = f"built {role} (builtin:tiny"
         assert any(m.startswith(built) and m.endswith(f" on {want[worker]}") for m in messages)
+    # Every MFC's stats carry its peak GPU memory on a GPU, and nothing on CPU (no honest
+    # per-call figure exists there).
+    peaks = {k.split("/")[0]: v for k, v in rows[0].items() if k.endswith("/peak_memory_gib")}
+    if NO_GPU:
+        assert peaks == {}
+    else:
+        assert set(peaks) == {m.name for m in cfg.dfg().mfcs()}
+        assert all(
+            0 < v < torch.cuda.get_device_properties(0).total_memory / 2**30 for v in peaks.values()
+        )
 
 
 def _set_up_workers(cfg: DPOConfig) -> transport.LocalTransport:
