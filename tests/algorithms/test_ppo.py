@@ -10,6 +10,7 @@ from realflow.algorithms import (
     broadcast_to_tokens,
     group_normalized_advantages,
     grpo_loss,
+    policy_loss,
     ppo_actor_loss,
     ppo_critic_loss,
     should_skip_minibatch,
@@ -137,6 +138,55 @@ def test_ppo_critic_loss_matches_loop(pk: Packed, seed: int, clip):
     torch.testing.assert_close(loss.detach(), want.detach())
     torch.testing.assert_close(v.grad, leaf.grad)
     assert float(stats.clip_frac) == pytest.approx(n_clip / len(terms))
+
+
+def test_ppo_critic_loss_stats_and_clip_bound():
+    """value_loss is the loss; value_mean and returns_mean are means over the mask (hand values:
+    squared errors 1 and 16 on the two answer tokens); value_eps_clip must be > 0."""
+    v, ret = torch.tensor([1.0, 2.0, 5.0]), torch.tensor([0.0, 3.0, 1.0])
+    mask = torch.tensor([True, False, True])
+    loss, stats = ppo_critic_loss(v, v.clone(), ret, mask)
+    assert float(loss) == 4.25 and float(stats.value_loss) == 4.25  # 0.5 * (1 + 16) / 2
+    assert float(stats.value_mean) == 3.0 and float(stats.returns_mean) == 0.5
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^value_eps_clip must be > 0, got {bad}$"):
+            ppo_critic_loss(v, v.clone(), ret, mask, bad)
+
+
+def test_ppo_actor_loss_entropy_term():
+    """Entropy given without a coefficient is reported, not added; a coefficient without entropy
+    adds nothing. pg: the mean of the two unclipped surrogates (ratios e^0.1 and e^-0.2 are
+    inside [0.8, 1.2]); the entropy mean is 2.5."""
+    lp, old, adv = torch.tensor([0.1, -0.2]), torch.zeros(2), torch.tensor([1.0, -1.0])
+    mask, ent = torch.ones(2, dtype=torch.bool), torch.tensor([2.0, 3.0])
+    pg = (-math.exp(0.1) + math.exp(-0.2)) / 2
+    loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent)
+    assert float(loss) == pytest.approx(pg, rel=1e-6) and float(stats.entropy) == 2.5
+    loss, _ = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent, entropy_coef=1.0)
+    assert float(loss) == pytest.approx(pg - 2.5, rel=1e-6)
+    loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_coef=1.0)
+    assert float(loss) == pytest.approx(pg, rel=1e-6) and stats.entropy is None
+
+
+def test_policy_loss_reports_the_ref_kl_but_adds_it_only_with_kl_beta():
+    """kl_beta defaults to 0: with ref log-probs the k3 KL is reported, the loss is the plain
+    surrogate mean (same tokens as above, one sequence; ref log-probs 0, so d = -lp)."""
+    lp, old, adv = torch.tensor([0.1, -0.2]), torch.zeros(2), torch.tensor([1.0, -1.0])
+    mask, cu, ref = torch.ones(2, dtype=torch.bool), torch.tensor([0, 3]), torch.zeros(2)
+    pg = (-math.exp(0.1) + math.exp(-0.2)) / 2
+    k3 = sum(math.exp(-x) + x - 1 for x in (0.1, -0.2)) / 2
+    loss, stats = policy_loss(lp, old, adv, mask, cu, 0.2, ref_logprobs_T1=ref)
+    assert float(loss) == pytest.approx(pg, rel=1e-6)
+    assert float(stats.ref_kl) == pytest.approx(k3, rel=1e-5)
+
+
+def test_ppo_actor_loss_clip_higher():
+    """A ratio of 1.25 with A = 1: clipped at 1.2 by eps_clip 0.2, not by eps_clip_high 0.28."""
+    lp, zero, one = torch.tensor([math.log(1.25)]), torch.zeros(1), torch.ones(1)
+    mask = torch.ones(1, dtype=torch.bool)
+    symmetric, _ = ppo_actor_loss(lp, zero, one, mask, 0.2)
+    higher, _ = ppo_actor_loss(lp, zero, one, mask, 0.2, eps_clip_high=0.28)
+    assert float(symmetric) == pytest.approx(-1.2) and float(higher) == pytest.approx(-1.25)
 
 
 def ref_group_adv(
