@@ -281,3 +281,19 @@ def test_grpo_loss_unknown_reduction():
     z = torch.zeros(2)
     with pytest.raises(ValueError, match="did you mean 'seq_mean'"):
         grpo_loss(z, z, z, z, pk.mask(), pk.cu, 0.2, 0.1, reduction="seqmean")
+    with pytest.raises(
+        ValueError, match=r"^unknown loss reduction 'zzz', known: \['seq_mean', 'token_mean'\]$"
+    ):
+        grpo_loss(z, z, z, z, pk.mask(), pk.cu, 0.2, 0.1, reduction="zzz")
+
+
+def test_policy_loss_and_grpo_loss_pass_the_dual_clip_on():
+    """Ratio 10 with A = -1: the loss -A r = 10 is capped at -c A = 3 (dual_clip c = 3)."""
+    lp, zero, adv = torch.tensor([math.log(10.0)]), torch.zeros(1), torch.tensor([-1.0])
+    mask, cu = torch.ones(1, dtype=torch.bool), torch.tensor([0, 2])
+    plain, _ = policy_loss(lp, zero, adv, mask, cu, 0.2)
+    capped, stats = policy_loss(lp, zero, adv, mask, cu, 0.2, dual_clip=3.0)
+    assert float(plain) == pytest.approx(10.0) and float(capped) == pytest.approx(3.0)
+    assert float(stats.dual_clip_frac) == 1.0
+    grpo, _ = grpo_loss(lp, zero, lp, adv, mask, cu, 0.2, 0.1, dual_clip=3.0)  # ref = lp: KL 0
+    assert float(grpo) == pytest.approx(3.0)
