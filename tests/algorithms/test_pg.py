@@ -346,5 +346,7 @@ def test_aggregate_loss_names_the_closest_loss_type():
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="did you mean 'dr_grpo'"):
         aggregate_loss(x, mask, cu, "drgrpo")
+    with pytest.raises(ValueError, match="^unknown loss_type 'zzz', known: grpo, dapo, dr_grpo$"):
+        aggregate_loss(x, mask, cu, "zzz")
     with pytest.raises(ValueError, match="needs max_answer_tokens > 0"):
         aggregate_loss(x, mask, cu, "dr_grpo")
