@@ -91,6 +91,9 @@ def test_dual_clip_caps_negative_advantage_loss():
     assert float(stats.dual_clip_frac) == 1.0
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         ppo_actor_loss(lp, old, adv, mask, 0.2, dual_clip=1.0)
+    for bad in (0.0, -0.2):
+        with pytest.raises(ValueError, match=rf"^eps_clip must be > 0, got {bad}$"):
+            ppo_actor_loss(lp, old, adv, mask, bad)
 
 
 def test_should_skip_minibatch():
