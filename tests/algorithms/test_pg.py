@@ -341,6 +341,17 @@ def test_clip_higher_lets_positive_advantages_raise_the_ratio_further():
     assert grads[0.28] == pytest.approx(-1.25)
 
 
+def test_aggregate_loss_edge_cases():
+    """grpo averages over the sequences that have answer tokens (hand values: sequence 1 has
+    none); dr_grpo takes max_answer_tokens = 1 and refuses 0."""
+    x, cu = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 3, 6])
+    mask = torch.tensor([True, True, False, False])
+    assert float(aggregate_loss(x, mask, cu, "grpo")) == 1.5  # only sequence 0: (1 + 2) / 2
+    assert float(aggregate_loss(x, mask, cu, "dr_grpo", 1)) == 1.5  # (1 + 2) / (2 x 1)
+    with pytest.raises(ValueError, match="needs max_answer_tokens > 0, got 0$"):
+        aggregate_loss(x, mask, cu, "dr_grpo", 0)
+
+
 def test_aggregate_loss_names_the_closest_loss_type():
     x, mask = torch.zeros(2), torch.ones(2, dtype=torch.bool)
     cu = torch.tensor([0, 3], dtype=torch.int32)

@@ -165,6 +165,8 @@ def test_ppo_actor_loss_entropy_term():
     pg = (-math.exp(0.1) + math.exp(-0.2)) / 2
     loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent)
     assert float(loss) == pytest.approx(pg, rel=1e-6) and float(stats.entropy) == 2.5
+    assert float(stats.pg_loss) == pytest.approx(pg, rel=1e-6)
+    assert float(stats.approx_kl_k2) == pytest.approx((0.1**2 + 0.2**2) / 4, rel=1e-5)
     loss, _ = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent, entropy_coef=1.0)
     assert float(loss) == pytest.approx(pg - 2.5, rel=1e-6)
     loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_coef=1.0)
