@@ -185,6 +185,13 @@ def test_policy_loss_reports_the_ref_kl_but_adds_it_only_with_kl_beta():
     assert float(stats.ref_kl) == pytest.approx(k3, rel=1e-5)
 
 
+def test_ppo_actor_loss_of_no_tokens():
+    """An empty micro-batch: loss 0 and ratio_max 0, not an error (max of an empty tensor)."""
+    z = torch.zeros(0)
+    loss, stats = ppo_actor_loss(z, z, z, torch.zeros(0, dtype=torch.bool), 0.2)
+    assert float(loss) == 0.0 and float(stats.ratio_max) == 0.0 and int(stats.n_tokens) == 0
+
+
 def test_ppo_actor_loss_clip_higher():
     """A ratio of 1.25 with A = 1: clipped at 1.2 by eps_clip 0.2, not by eps_clip_high 0.28."""
     lp, zero, one = torch.tensor([math.log(1.25)]), torch.zeros(1), torch.ones(1)
