@@ -4,8 +4,10 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (not in pyproject.toml) so this machine takes the CPU wheel on disk.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
-# make mutate: how many mutants run at once, and which (mutmut name globs; empty = all in
-# [tool.mutmut] only_mutate, e.g. MUTANTS='realflow.algorithms.kl.*').
+# make mutate: which part of realflow with which tests (a target of benchmarks/mutate.py:
+# algorithms, interfaces, losses, master), how many mutants run at once, and which (mutmut name
+# globs; empty = the whole target, e.g. MUTANTS='realflow.algorithms.kl.*').
+MUTATE_TARGET ?= algorithms
 MUTATE_CHILDREN ?= 2
 MUTANTS ?=
 
@@ -37,8 +39,8 @@ lint: install
 
 # Mutation testing (not in CI; docs/testing.md): mutate the code, rerun the tests that cover it.
 mutate: install
-	$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
-	$(VENV)/bin/mutmut results
+	$(PY) benchmarks/mutate.py $(MUTATE_TARGET) run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(PY) benchmarks/mutate.py $(MUTATE_TARGET) results
 
 # Wheels that benchmarks/gpu/run.sh installs on a GPU machine without an index (it has torch and
 # transformers but no omegaconf); carry benchmarks/gpu/wheels there with the repository.

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realflow.algorithms import RunningMeanStd, masked_mean, masked_var, masked_whiten
-from realflow.algorithms.normalize import first_masked
+from realflow.algorithms.normalize import first_masked, masked_sum
 
 
 def plain_mean_var(xs: list[float], unbiased: bool) -> tuple[float, float]:
@@ -40,6 +40,19 @@ def test_masked_stats_match_plain(pairs):
     w3 = masked_whiten(x, m, unbiased=False, eps=1e-8)
     want3 = [(v - mean) / math.sqrt(var_b + 1e-8) if k else 0.0 for v, k in pairs]
     torch.testing.assert_close(w3, torch.tensor(want3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float64])
+def test_masked_sum_and_mean_answer_in_the_dtype_of_x(mask_dtype):
+    """A mask of any dtype is a weight cast to x's dtype (packed.py's convention): float32 values
+    with a float64 or int mask give float32 results, equal to a plain sum over the kept values."""
+    xs, keep = [1.5, -2.25, 4.0, 0.125], [1, 0, 1, 1]
+    x = torch.tensor(xs, dtype=torch.float32)
+    m = torch.tensor(keep).to(mask_dtype)
+    total, mean = masked_sum(x, m), masked_mean(x, m)
+    assert total.dtype == torch.float32 and mean.dtype == torch.float32
+    want = sum(v for v, k in zip(xs, keep) if k)
+    assert float(total) == want and float(mean) == pytest.approx(want / 3, rel=1e-7)
 
 
 def test_masked_mean_empty_mask_is_zero_and_differentiable():

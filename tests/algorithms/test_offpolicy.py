@@ -111,12 +111,24 @@ def test_on_policy_samples_make_both_corrections_the_plain_loss():
     torch.testing.assert_close(grads["tis"], grads["none"])
 
 
+def test_decoupled_weights_are_not_capped_by_default():
+    """is_cap defaults to 0, no cap: a weight exp(2 - 0) = 7.39 is kept."""
+    pk = Packed([2], [1])
+    lp, behav, prox = torch.zeros(1), torch.zeros(1), torch.tensor([2.0])
+    _, stats = policy_loss(
+        lp, behav, torch.ones(1), pk.mask(), pk.cu, 0.2, correction="decoupled",
+        prox_logprobs_T1=prox,
+    )  # fmt: skip
+    assert float(stats.is_capped_frac) == 0.0
+    assert float(stats.is_weight_mean) == pytest.approx(math.exp(2.0), rel=1e-6)
+
+
 def test_bad_corrections_are_refused():
     pk = Packed([4], [2])
     x = torch.zeros(pk.t1)
-    with pytest.raises(ValueError, match="unknown correction 'iw'"):
+    with pytest.raises(ValueError, match="^unknown correction 'iw', known: none, decoupled, tis$"):
         policy_loss(x, x, x, pk.mask(), pk.cu, 0.2, correction="iw")
-    with pytest.raises(ValueError, match="needs prox_logprobs_T1"):
+    with pytest.raises(ValueError, match="^correction 'decoupled' needs prox_logprobs_T1$"):
         policy_loss(x, x, x, pk.mask(), pk.cu, 0.2, correction="decoupled")
     with pytest.raises(ValueError, match="needs is_cap > 0"):
         tis_surrogate(x, x, x, 0.0)

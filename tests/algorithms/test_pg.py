@@ -50,6 +50,14 @@ def test_rloo_baseline_is_the_mean_of_the_other_answers(sizes, seed):
     )
 
 
+@pytest.mark.parametrize(
+    "fn", [rloo_advantages, batch_scaled_advantages, groups_with_distinct_scores]
+)
+def test_group_sizes_must_sum_to_the_batch(fn):
+    with pytest.raises(ValueError, match=r"sum to len\(scores_B\) \(5\), got \[2, 2\]$"):
+        fn(torch.zeros(5), [2, 2])
+
+
 def test_rloo_needs_two_answers_per_prompt():
     with pytest.raises(ValueError, match=r"group_sizes must be >= 2"):
         rloo_advantages(torch.zeros(3), [2, 1])
@@ -66,6 +74,24 @@ def test_batch_scaled_advantages_match_loop(sizes, seed):
     want = [w / (std + 1e-6) for w in want]
     got = batch_scaled_advantages(scores, sizes, eps=1e-6)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
+def ref_batch_scaled(xs: list[float], sizes: list[int], eps: float) -> list[float]:
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return [(x - sum(g) / len(g)) / (std + eps) for g in groups(xs, sizes) for x in g]
+
+
+def test_batch_scaled_advantages_default_eps_and_bf16_scores():
+    """eps defaults to 1e-6 (a batch whose std is ~1e-6 shows it); bf16 scores are scaled by
+    a float32 std, not a bf16 one."""
+    tiny = torch.tensor([0.0, 2e-6], dtype=torch.float64)
+    want = ref_batch_scaled(tiny.tolist(), [2], 1e-6)
+    torch.testing.assert_close(batch_scaled_advantages(tiny, [2]), torch.tensor(want).double())
+    xs = [1.0, 2.5, -0.75, 3.25, 0.5]  # exact in bf16
+    got = batch_scaled_advantages(torch.tensor(xs).to(torch.bfloat16), [2, 3])
+    want = ref_batch_scaled(xs, [2, 3], 1e-6)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
 
 
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=6), st.integers(0, 1000))
@@ -136,6 +162,35 @@ def test_sequence_kl_sums_the_estimate_over_answer_tokens(pk: Packed, seed, kind
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
 
 
+# Two sequences of 3 tokens (T1 positions [0, 2) and [2, 4)), position 0 a prompt position.
+# k1 = lp - ref per position: 2.0 (masked out), 0.25, -1.0, 0.5.
+HAND_LP = torch.tensor([-1.0, -0.5, -2.0, -0.25])
+HAND_REF = torch.tensor([-3.0, -0.75, -1.0, -0.75])
+HAND_MASK = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+HAND_CU = torch.tensor([0, 3, 6])
+
+
+def test_sequence_kl_defaults_to_k1():
+    """Without ``kind`` the estimate is k1 = log pi - log ref, summed over answer tokens; a float64
+    mask is a weight in the log-probs' dtype (float32 out)."""
+    got = sequence_kl(HAND_LP, HAND_REF, HAND_MASK, HAND_CU)
+    torch.testing.assert_close(got, torch.tensor([0.25, -1.0 + 0.5]))  # checks the dtype too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reinforce_pp_defaults_are_k1_and_gamma_one(dtype):
+    """Defaults: k1 token KL, undiscounted reward-to-go. Hand-computed with kl_coef 0.5 and scores
+    (1, 2) at the last answer token of each sequence: token rewards 0.875 | 0.5, 1.75. bf16 inputs
+    (exact here) are computed in float32."""
+    score, lp, ref = (x.to(dtype) for x in (torch.tensor([1.0, 2.0]), HAND_LP, HAND_REF))
+    adv, ret = reinforce_pp_advantages(score, lp, ref, HAND_MASK, HAND_CU, kl_coef=0.5)
+    kept = [0.875, 0.5 + 1.75, 1.75]
+    torch.testing.assert_close(ret, torch.tensor([0.0, *kept]))
+    mean = sum(kept) / 3
+    std = math.sqrt(sum((g - mean) ** 2 for g in kept) / 2 + 1e-8)
+    torch.testing.assert_close(adv, torch.tensor([0.0] + [(g - mean) / std for g in kept]))
+
+
 def ref_returns(rewards: list[float], mask: list[int], gamma: float) -> list[float]:
     out, running = [0.0] * len(rewards), 0.0
     for t in range(len(rewards) - 1, -1, -1):
@@ -156,6 +211,18 @@ def test_discounted_returns_match_loop(pk: Packed, seed, gamma):
     ]
     got = discounted_returns(r, pk.mask(), pk.cu, gamma)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
+def test_discounted_returns_default_gamma_is_one_and_gamma_is_checked():
+    r, mask, cu = (
+        torch.tensor([1.0, 2.0, 4.0]),
+        torch.ones(3, dtype=torch.bool),
+        torch.tensor([0, 4]),
+    )
+    assert discounted_returns(r, mask, cu).tolist() == [7.0, 6.0, 4.0]
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^gamma \({bad}\) must be in \[0, 1\]$"):
+            discounted_returns(r, mask, cu, bad)
 
 
 @given(packed_batches(max_b=5, max_len=9), st.integers(0, 10_000), st.sampled_from(["k1", "k2"]))
@@ -185,6 +252,15 @@ def test_reinforce_pp_advantages_match_the_paper(pk: Packed, seed, kind):
     adv, ret = reinforce_pp_advantages(score, lp, ref, pk.mask(), pk.cu, beta, gamma, kind)
     torch.testing.assert_close(ret, torch.tensor(returns, dtype=torch.float64) * pk.mask())
     torch.testing.assert_close(adv, torch.tensor(want, dtype=torch.float64))
+
+
+def test_reinforce_pp_requires_answer_tokens():
+    """A sequence without answer tokens has no token to carry its score: refused, by index (also
+    when the previous sequence's only answer token is at T1 position 0)."""
+    z, cu = torch.zeros(3), torch.tensor([0, 2, 4])  # T1 positions [0, 1) and [1, 3)
+    mask = torch.tensor([True, False, False])
+    with pytest.raises(ValueError, match="^sequence 1 has no answer tokens$"):
+        reinforce_pp_advantages(torch.zeros(2), z, z, mask, cu, 0.1)
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -265,10 +341,23 @@ def test_clip_higher_lets_positive_advantages_raise_the_ratio_further():
     assert grads[0.28] == pytest.approx(-1.25)
 
 
+def test_aggregate_loss_edge_cases():
+    """grpo averages over the sequences that have answer tokens (hand values: sequence 1 has
+    none); dr_grpo takes max_answer_tokens = 1 and refuses 0."""
+    x, cu = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 3, 6])
+    mask = torch.tensor([True, True, False, False])
+    assert float(aggregate_loss(x, mask, cu, "grpo")) == 1.5  # only sequence 0: (1 + 2) / 2
+    assert float(aggregate_loss(x, mask, cu, "dr_grpo", 1)) == 1.5  # (1 + 2) / (2 x 1)
+    with pytest.raises(ValueError, match="needs max_answer_tokens > 0, got 0$"):
+        aggregate_loss(x, mask, cu, "dr_grpo", 0)
+
+
 def test_aggregate_loss_names_the_closest_loss_type():
     x, mask = torch.zeros(2), torch.ones(2, dtype=torch.bool)
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="did you mean 'dr_grpo'"):
         aggregate_loss(x, mask, cu, "drgrpo")
+    with pytest.raises(ValueError, match="^unknown loss_type 'zzz', known: grpo, dapo, dr_grpo$"):
+        aggregate_loss(x, mask, cu, "zzz")
     with pytest.raises(ValueError, match="needs max_answer_tokens > 0"):
         aggregate_loss(x, mask, cu, "dr_grpo")

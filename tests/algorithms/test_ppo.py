@@ -10,6 +10,7 @@ from realflow.algorithms import (
     broadcast_to_tokens,
     group_normalized_advantages,
     grpo_loss,
+    policy_loss,
     ppo_actor_loss,
     ppo_critic_loss,
     should_skip_minibatch,
@@ -90,6 +91,9 @@ def test_dual_clip_caps_negative_advantage_loss():
     assert float(stats.dual_clip_frac) == 1.0
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         ppo_actor_loss(lp, old, adv, mask, 0.2, dual_clip=1.0)
+    for bad in (0.0, -0.2):
+        with pytest.raises(ValueError, match=rf"^eps_clip must be > 0, got {bad}$"):
+            ppo_actor_loss(lp, old, adv, mask, bad)
 
 
 def test_should_skip_minibatch():
@@ -137,6 +141,64 @@ def test_ppo_critic_loss_matches_loop(pk: Packed, seed: int, clip):
     torch.testing.assert_close(loss.detach(), want.detach())
     torch.testing.assert_close(v.grad, leaf.grad)
     assert float(stats.clip_frac) == pytest.approx(n_clip / len(terms))
+
+
+def test_ppo_critic_loss_stats_and_clip_bound():
+    """value_loss is the loss; value_mean and returns_mean are means over the mask (hand values:
+    squared errors 1 and 16 on the two answer tokens); value_eps_clip must be > 0."""
+    v, ret = torch.tensor([1.0, 2.0, 5.0]), torch.tensor([0.0, 3.0, 1.0])
+    mask = torch.tensor([True, False, True])
+    loss, stats = ppo_critic_loss(v, v.clone(), ret, mask)
+    assert float(loss) == 4.25 and float(stats.value_loss) == 4.25  # 0.5 * (1 + 16) / 2
+    assert float(stats.value_mean) == 3.0 and float(stats.returns_mean) == 0.5
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^value_eps_clip must be > 0, got {bad}$"):
+            ppo_critic_loss(v, v.clone(), ret, mask, bad)
+
+
+def test_ppo_actor_loss_entropy_term():
+    """Entropy given without a coefficient is reported, not added; a coefficient without entropy
+    adds nothing. pg: the mean of the two unclipped surrogates (ratios e^0.1 and e^-0.2 are
+    inside [0.8, 1.2]); the entropy mean is 2.5."""
+    lp, old, adv = torch.tensor([0.1, -0.2]), torch.zeros(2), torch.tensor([1.0, -1.0])
+    mask, ent = torch.ones(2, dtype=torch.bool), torch.tensor([2.0, 3.0])
+    pg = (-math.exp(0.1) + math.exp(-0.2)) / 2
+    loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent)
+    assert float(loss) == pytest.approx(pg, rel=1e-6) and float(stats.entropy) == 2.5
+    assert float(stats.pg_loss) == pytest.approx(pg, rel=1e-6)
+    assert float(stats.approx_kl_k2) == pytest.approx((0.1**2 + 0.2**2) / 4, rel=1e-5)
+    loss, _ = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_T1=ent, entropy_coef=1.0)
+    assert float(loss) == pytest.approx(pg - 2.5, rel=1e-6)
+    loss, stats = ppo_actor_loss(lp, old, adv, mask, 0.2, entropy_coef=1.0)
+    assert float(loss) == pytest.approx(pg, rel=1e-6) and stats.entropy is None
+
+
+def test_policy_loss_reports_the_ref_kl_but_adds_it_only_with_kl_beta():
+    """kl_beta defaults to 0: with ref log-probs the k3 KL is reported, the loss is the plain
+    surrogate mean (same tokens as above, one sequence; ref log-probs 0, so d = -lp)."""
+    lp, old, adv = torch.tensor([0.1, -0.2]), torch.zeros(2), torch.tensor([1.0, -1.0])
+    mask, cu, ref = torch.ones(2, dtype=torch.bool), torch.tensor([0, 3]), torch.zeros(2)
+    pg = (-math.exp(0.1) + math.exp(-0.2)) / 2
+    k3 = sum(math.exp(-x) + x - 1 for x in (0.1, -0.2)) / 2
+    loss, stats = policy_loss(lp, old, adv, mask, cu, 0.2, ref_logprobs_T1=ref)
+    assert float(loss) == pytest.approx(pg, rel=1e-6)
+    assert float(stats.ref_kl) == pytest.approx(k3, rel=1e-5)
+
+
+def test_ppo_actor_loss_of_no_tokens():
+    """An empty micro-batch: loss 0 and ratio_max 0, not an error (max of an empty tensor)."""
+    z = torch.zeros(0)
+    loss, stats = ppo_actor_loss(z, z, z, torch.zeros(0, dtype=torch.bool), 0.2)
+    assert float(loss) == 0.0 and float(stats.ratio_max) == 0.0 and int(stats.n_tokens) == 0
+
+
+def test_ppo_actor_loss_clip_higher():
+    """A ratio of 1.25 with A = 1: clipped at 1.2 by eps_clip 0.2, not by eps_clip_high 0.28."""
+    lp, zero, one = torch.tensor([math.log(1.25)]), torch.zeros(1), torch.ones(1)
+    mask = torch.ones(1, dtype=torch.bool)
+    symmetric, _ = ppo_actor_loss(lp, zero, one, mask, 0.2)
+    higher, _ = ppo_actor_loss(lp, zero, one, mask, 0.2, eps_clip_high=0.28)
+    assert float(symmetric) == pytest.approx(-1.2) and float(higher) == pytest.approx(-1.25)
 
 
 def ref_group_adv(
@@ -231,3 +293,19 @@ def test_grpo_loss_unknown_reduction():
     z = torch.zeros(2)
     with pytest.raises(ValueError, match="did you mean 'seq_mean'"):
         grpo_loss(z, z, z, z, pk.mask(), pk.cu, 0.2, 0.1, reduction="seqmean")
+    with pytest.raises(
+        ValueError, match=r"^unknown loss reduction 'zzz', known: \['seq_mean', 'token_mean'\]$"
+    ):
+        grpo_loss(z, z, z, z, pk.mask(), pk.cu, 0.2, 0.1, reduction="zzz")
+
+
+def test_policy_loss_and_grpo_loss_pass_the_dual_clip_on():
+    """Ratio 10 with A = -1: the loss -A r = 10 is capped at -c A = 3 (dual_clip c = 3)."""
+    lp, zero, adv = torch.tensor([math.log(10.0)]), torch.zeros(1), torch.tensor([-1.0])
+    mask, cu = torch.ones(1, dtype=torch.bool), torch.tensor([0, 2])
+    plain, _ = policy_loss(lp, zero, adv, mask, cu, 0.2)
+    capped, stats = policy_loss(lp, zero, adv, mask, cu, 0.2, dual_clip=3.0)
+    assert float(plain) == pytest.approx(10.0) and float(capped) == pytest.approx(3.0)
+    assert float(stats.dual_clip_frac) == 1.0
+    grpo, _ = grpo_loss(lp, zero, lp, adv, mask, cu, 0.2, 0.1, dual_clip=3.0)  # ref = lp: KL 0
+    assert float(grpo) == pytest.approx(3.0)

@@ -143,6 +143,14 @@ LENGTH_CASES = {
         "logprobs_T1 has 5 entries and score_B shape (1,); "
         "cu_seqlens_B1 describes 5 T1 positions in 2 sequences",
     ),
+    "reinforce_pp score": (
+        lambda: reinforce_pp_advantages(S1, T5, T5, M5, CU2, 0.1),
+        "score_B has shape (1,); cu_seqlens_B1 describes 2 sequences",
+    ),
+    "aggregate_loss T1": (
+        lambda: aggregate_loss(T6, M6, CU2, "dapo"),
+        "x_T1 has 6 entries, cu_seqlens_B1 describes 5",
+    ),
     "gae T1": (
         lambda: gae_packed(T6, T6, CU2, S2, 1.0, 1.0, M6),
         "rewards_T1 has 6 entries and bootstrap_B shape (2,); "

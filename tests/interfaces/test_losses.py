@@ -10,6 +10,7 @@ from iface_testutils import MB, NO_LIMIT, dataset_batch, inference_model, train_
 
 from realflow.api.data import SequenceSample
 from realflow.api.registry import DPO_LOSSES, INTERFACES, RW_LOSSES, SFT_LOSSES
+from realflow.interfaces.losses import call_loss
 
 
 @pytest.fixture
@@ -158,3 +159,12 @@ def _merge(samples: list[SequenceSample]) -> SequenceSample:
     keys = ("packed_input_ids", "prompt_mask")
     seqs = {k: [[t for s in samples for t in s.data[k].split(s.flat_seqlens(k))]] for k in keys}
     return SequenceSample.from_sequences(samples[0].ids, seqs)
+
+
+def test_call_loss_names_what_a_loss_returned_instead_of_a_tensor():
+    with pytest.raises(
+        ValueError, match=r"^loss 'mine' must return one value per unit, shape \(2,\); got list$"
+    ):
+        call_loss(lambda inp: [1.0, 2.0], None, 2, "mine")
+    with pytest.raises(ValueError, match=r"shape \(2,\); got \(3,\)$"):
+        call_loss(lambda inp: torch.zeros(3), None, 2, "mine")
