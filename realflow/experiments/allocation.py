@@ -142,10 +142,7 @@ def mesh_problems(cfg: Any, mfcs: list[MFCDef]) -> list[str]:
         lay, n = mesh.layout, by_name[name].n_seqs
         where = f"allocation.{name}={mesh}"
         if lay.tp > 1 or lay.pp > 1:
-            problems.append(
-                f"{where}: tensor/pipeline parallel layouts (tp={lay.tp}, pp={lay.pp}) are not "
-                "wired into the workers yet; use d<dp>t1p1"
-            )
+            problems += _shard_problems(cfg, where, by_name[name].model_name, lay)
         if lay.dp > n:
             problems.append(f"{where}: dp ({lay.dp}) must be <= the MFC's n_seqs ({n})")
         if cfg.mode == "local" and len(mesh.workers) > 1:
@@ -154,6 +151,26 @@ def mesh_problems(cfg: Any, mfcs: list[MFCDef]) -> list[str]:
                 "form a torch.distributed group; the threads of mode=local cannot); set mode=ray"
             )
     problems += _role_problems(cfg, mfcs, meshes)
+    return problems
+
+
+def _shard_problems(cfg: Any, where: str, role: str, lay: Layout) -> list[str]:
+    """Why `role` cannot run as tp / pp shards (realflow.parallel.runtime.build_shard_model)."""
+    spec = cfg.roles()[role]
+    c = spec.config
+    if spec.head == "none":
+        return [f"{where}: {role} has no weights to shard (head 'none'); use d<dp>t1p1"]
+    problems = []
+    if c.adapters() is not None or c.base_of:
+        problems.append(
+            f"{where}: a role with adapters (lora/peft) or base_of is not sharded over tensor/"
+            f"pipeline parallel layouts (got layout {lay}); use d<dp>t1p1 for {role}"
+        )
+    if c.backend != "torch":
+        problems.append(
+            f"{where}: tensor/pipeline parallel shards run on the torch engine backend (got "
+            f"{role}.backend={c.backend}); set {role}.backend=torch or use d<dp>t1p1"
+        )
     return problems
 
 
