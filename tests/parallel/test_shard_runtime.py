@@ -8,8 +8,9 @@ interface on the whole model (each process builds it itself). Checked within 1e-
     mesh's first worker) loads back to the reference's weights;
   - ppo_actor / ppo_critic inference: log-probs and values;
   - ppo_actor greedy generate: the same answers and log-probs;
-  - d2t1p1 (each process half the batch): sft train_step gives the whole batch's weights and
-    grad_norm (gradients averaged over the dp group);
+  - d2t1p1 (each process half the batch): sft train_step gives the whole batch's weights,
+    grad_norm (gradients averaged over the dp group) and loss / nll / ppl (token-weighted over
+    the dp group);
   - build_shard_model on a role: the shard holds the role's (seeded) weights;
   - realflow.algorithms' chunked log-probs and entropy with a VocabShard (several chunks,
     temperature 0.7): values and the gradient of each rank's logit columns equal the whole
@@ -34,6 +35,7 @@ from realflow.api.interface import Model
 from realflow.api.registry import INTERFACES
 from realflow.engines import EngineConfig, OptimizerConfig, build_train_engine
 from realflow.engines.train import InferenceEngine
+from realflow.interfaces.sft import n_trained_tokens
 from realflow.parallel.groups import MeshGroups
 from realflow.parallel.layout import Mesh
 from realflow.parallel.model import shard_state_dict
@@ -149,6 +151,11 @@ def data_parallel_case(groups: MeshGroups, solo) -> None:
     part = data.index([0, 1, 2]) if groups.coords.dp == 0 else data.index([3, 4, 5, 6, 7])
     got = INTERFACES.get("sft")().train_step(Model("s", engine), part, MB)
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    # Each rank reports the whole batch's per-token means (its loss weights all-gathered), and
+    # its own part's token count (the master sums those).
+    for key in ("loss", "nll", "ppl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["n_tokens"] == sum(n_trained_tokens(mb) for mb in part.split(1))
     check_weights(engine, ref, str(groups.mesh))
 
 
