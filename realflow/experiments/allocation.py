@@ -23,6 +23,9 @@ from typing import Any
 from realflow.api.dfg import MFCDef
 from realflow.parallel.layout import Layout, Mesh, format_workers
 
+# Interface arguments that skip minibatches by a rank-local decision (PPO's early stop).
+EARLY_STOP = ("early_stop_imp_ratio", "early_stop_kl")
+
 
 def uses_meshes(allocation: dict[str, Any]) -> bool:
     """Whether `allocation` places MFCs on meshes (an entry is `<layout>@<workers>`)."""
@@ -145,6 +148,14 @@ def mesh_problems(cfg: Any, mfcs: list[MFCDef]) -> list[str]:
             problems += _shard_problems(cfg, where, by_name[name].model_name, lay)
         if lay.dp > n:
             problems.append(f"{where}: dp ({lay.dp}) must be <= the MFC's n_seqs ({n})")
+        args = by_name[name].interface_impl.args
+        stops = {k: args[k] for k in EARLY_STOP if args.get(k)}
+        if lay.dp > 1 and by_name[name].is_train and stops:
+            problems.append(
+                f"{where}: early stop ({', '.join(f'{k}={v}' for k, v in stops.items())}) "
+                "decides per dp rank, which then run different numbers of collectives; set it "
+                "to 0 or give the MFC dp=1"
+            )
         if cfg.mode == "local" and len(mesh.workers) > 1:
             problems.append(
                 f"{where}: a mesh of {len(mesh.workers)} workers needs mode=ray (its workers "

@@ -152,6 +152,11 @@ def test_tensor_and_pipeline_layouts_are_accepted_where_a_shard_can_be_built():
         "allocation.ref_inf=d1t1p2@2-3: a role with adapters (lora/peft) or base_of is not "
         "sharded over tensor/pipeline parallel layouts (got layout d1t1p2); use d<dp>t1p1 for ref"
     ]
+    # PPO's early stop skips minibatches by a rank-local decision: not with dp > 1.
+    assert problems(PPOConfig, *mesh, "allocation.rew=0", "ppo.early_stop_kl=0.5") == [
+        "allocation.actor_train=d2t1p1@0-1: early stop (early_stop_kl=0.5) decides per dp rank, "
+        "which then run different numbers of collectives; set it to 0 or give the MFC dp=1"
+    ]
 
 
 def test_layout_errors_come_from_the_models_config():
