@@ -24,9 +24,10 @@ MESH = [
     "allocation.critic=d1t1p2@0-1",  # two pipeline stages, trained in place (no realloc)
     "allocation.rew=3",
 ]
-# One minibatch and no advantage whitening: the batch statistics the PPO interface computes are
-# then the same on each dp rank's part as on the whole batch, so dp=2 must equal dp=1.
-EXACT = ["total_steps=2", "ppo.ppo_n_minibatches=1", "ppo.use_adv_norm=false"]
+# One minibatch: each dp rank then trains on its part of the whole batch's only minibatch, and
+# the batch statistics (advantage whitening) are all-gathered over the dp group, so dp=2 must
+# equal dp=1.
+EXACT = ["total_steps=2", "ppo.ppo_n_minibatches=1"]
 
 
 def trace_events(output_dir: str) -> list[dict]:
