@@ -360,7 +360,8 @@ class TrainEngine:
 
         Returns `loss` (the weighted mean of the micro-batch losses), `grad_norm` (before
         clipping), `lr` (used by this step), and every stat of `loss_fn` averaged with the same
-        weights. Losses and stats are this rank's; gradients are averaged over the dp group.
+        weights. With a dp group, losses and stats are those means over the whole group's
+        micro-batches (the same on every rank), as gradients are averaged over it.
         """
         if not micro_batches:
             raise EngineError("train_batch needs at least one micro-batch, got none")
@@ -385,8 +386,20 @@ class TrainEngine:
         self.step += 1
         out = _weighted_mean(all_stats, weights)
         out.update(_weighted_mean(losses, weights))
+        out = self._dp_mean(out, sum(weights))
         out.update(grad_norm=grad_norm, lr=lr)
         return out
+
+    def _dp_mean(self, stats: dict[str, float], weight: float) -> dict[str, float]:
+        """This rank's loss-weighted means `stats` (over weight `weight`) as the means over the
+        whole dp group, weighted by each rank's weight (a key some ranks lack is averaged over
+        those that report it). One object all-gather: keys may differ between ranks."""
+        active, size = dp_world(self.dp_group)
+        if not active:
+            return stats
+        every: list[Any] = [None] * size
+        dist.all_gather_object(every, (weight, stats), group=self.dp_group)
+        return _weighted_mean([s for _, s in every], [w for w, _ in every])
 
     def _accumulate(
         self, micro_batches: list[SequenceSample], loss_fn: LossFn, scales: list[float], n: int

@@ -23,6 +23,9 @@ from typing import Any
 from realflow.api.dfg import MFCDef
 from realflow.parallel.layout import Layout, Mesh, format_workers
 
+# Interface arguments that skip minibatches by a rank-local decision (PPO's early stop).
+EARLY_STOP = ("early_stop_imp_ratio", "early_stop_kl")
+
 
 def uses_meshes(allocation: dict[str, Any]) -> bool:
     """Whether `allocation` places MFCs on meshes (an entry is `<layout>@<workers>`)."""
@@ -142,18 +145,43 @@ def mesh_problems(cfg: Any, mfcs: list[MFCDef]) -> list[str]:
         lay, n = mesh.layout, by_name[name].n_seqs
         where = f"allocation.{name}={mesh}"
         if lay.tp > 1 or lay.pp > 1:
-            problems.append(
-                f"{where}: tensor/pipeline parallel layouts (tp={lay.tp}, pp={lay.pp}) are not "
-                "wired into the workers yet; use d<dp>t1p1"
-            )
+            problems += _shard_problems(cfg, where, by_name[name].model_name, lay)
         if lay.dp > n:
             problems.append(f"{where}: dp ({lay.dp}) must be <= the MFC's n_seqs ({n})")
+        args = by_name[name].interface_impl.args
+        stops = {k: args[k] for k in EARLY_STOP if args.get(k)}
+        if lay.dp > 1 and by_name[name].is_train and stops:
+            problems.append(
+                f"{where}: early stop ({', '.join(f'{k}={v}' for k, v in stops.items())}) "
+                "decides per dp rank, which then run different numbers of collectives; set it "
+                "to 0 or give the MFC dp=1"
+            )
         if cfg.mode == "local" and len(mesh.workers) > 1:
             problems.append(
                 f"{where}: a mesh of {len(mesh.workers)} workers needs mode=ray (its workers "
                 "form a torch.distributed group; the threads of mode=local cannot); set mode=ray"
             )
     problems += _role_problems(cfg, mfcs, meshes)
+    return problems
+
+
+def _shard_problems(cfg: Any, where: str, role: str, lay: Layout) -> list[str]:
+    """Why `role` cannot run as tp / pp shards (realflow.parallel.runtime.build_shard_model)."""
+    spec = cfg.roles()[role]
+    c = spec.config
+    if spec.head == "none":
+        return [f"{where}: {role} has no weights to shard (head 'none'); use d<dp>t1p1"]
+    problems = []
+    if c.adapters() is not None or c.base_of:
+        problems.append(
+            f"{where}: a role with adapters (lora/peft) or base_of is not sharded over tensor/"
+            f"pipeline parallel layouts (got layout {lay}); use d<dp>t1p1 for {role}"
+        )
+    if c.backend != "torch":
+        problems.append(
+            f"{where}: tensor/pipeline parallel shards run on the torch engine backend (got "
+            f"{role}.backend={c.backend}); set {role}.backend=torch or use d<dp>t1p1"
+        )
     return problems
 
 

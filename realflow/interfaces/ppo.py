@@ -128,9 +128,11 @@ class PPOReturns:
         self.value_rms = RunningMeanStd() if args.value_norm else None
 
     @torch.no_grad()
-    def compute(self, data: SequenceSample) -> PPOBatch:
+    def compute(self, data: SequenceSample, dp_group: Any = None) -> PPOBatch:
         """Rewards, advantages and returns (in the critic's unnormalised scale) of `data`; then
-        update the KL controller and the value normaliser with this batch."""
+        update the KL controller and the value normaliser with this batch: with `dp_group` (the
+        train engine's), with the whole batch of its ranks, as one process would (`data` is
+        this rank's part; every rank of the group calls this)."""
         a, d = self.args, data.data
         cu_B1 = data.cu_seqlens(IDS)
         mask_T1 = answer_mask_T1(d["prompt_mask"], cu_B1)
@@ -157,10 +159,14 @@ class PPOReturns:
             rewards_T1, values_T1, cu_B1, bootstrap_B, a.discount, a.gae_lambda, mask_T1
         )
         if self.value_rms is not None:
-            self.value_rms.update(ret_T1, mask_T1)
+            self.value_rms.update(dp_all(ret_T1[mask_T1.bool()], dp_group))
         cu1_B1 = shifted_cu_seqlens(cu_B1)
         kl_B = segment_sum((old_logp_T1 - ref_logp_T1) * mask_T1, cu1_B1)
-        self.kl_ctl.update(float(kl_B.mean()), n_steps=data.total_tokens("rewards"))
+        n_rewards = torch.tensor([float(data.total_tokens("rewards"))])
+        self.kl_ctl.update(
+            float(dp_all(kl_B, dp_group).mean()),
+            n_steps=int(dp_all(n_rewards, dp_group).sum()),
+        )
         n_answer_B = segment_sum(mask_T1.float(), cu1_B1)
         processed_B = process_scores(
             score_B, no_eos_B, a.reward_output_scaling, a.reward_output_bias, a.max_reward_clip,
@@ -191,6 +197,40 @@ class PPOReturns:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if self.value_rms is not None:
             self.value_rms.load_state_dict(state["value_rms"])
+
+
+def dp_cat(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, int] | None:
+    """(`x` (1-D) of every rank of the data-parallel `group` concatenated in rank order, where
+    this rank's `x` starts in it); None without a group or in a group of one."""
+    from realflow.engines.train import dp_world
+
+    active, size = dp_world(group)
+    if not active:
+        return None
+    every: list[Any] = [None] * size
+    torch.distributed.all_gather_object(every, x.detach().cpu(), group=group)
+    start = sum(len(t) for t in every[: torch.distributed.get_rank(group)])
+    return torch.cat(every).to(x.device), start
+
+
+def dp_masked_whiten(x_T: torch.Tensor, mask_T: torch.Tensor, group: Any) -> torch.Tensor:
+    """`masked_whiten` with the mean and variance of the masked entries of every rank of the
+    data-parallel `group` (the whole batch's, when each rank holds a part of it)."""
+    keep = mask_T.bool()
+    gathered = dp_cat(x_T[keep], group)
+    if gathered is None:
+        return masked_whiten(x_T, mask_T)
+    every, start = gathered
+    whitened = masked_whiten(every, torch.ones_like(every, dtype=torch.bool))
+    out = torch.zeros_like(x_T)
+    out[keep] = whitened[start : start + int(keep.sum())]
+    return out
+
+
+def dp_all(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """`x` (1-D) of every rank of `group` concatenated in rank order; `x` without a group."""
+    gathered = dp_cat(x, group)
+    return x if gathered is None else gathered[0]
 
 
 def explained_variance(
@@ -297,10 +337,11 @@ class PPOActorInterface(ModelInterface):
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         engine = train_engine_of(model, "ppo_actor")
-        batch = self.returns.compute(data)
+        group = getattr(engine, "dp_group", None)
+        batch = self.returns.compute(data, group)
         adv_T1 = batch.advantages_T1
         if self.args.use_adv_norm:
-            adv_T1 = masked_whiten(adv_T1, batch.mask_T1)
+            adv_T1 = dp_masked_whiten(adv_T1, batch.mask_T1, group)
         sample = train_sample(
             data,
             {
@@ -380,7 +421,7 @@ class PPOCriticInterface(ModelInterface):
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         engine = train_engine_of(model, "ppo_critic")
-        batch = self.returns.compute(data)
+        batch = self.returns.compute(data, getattr(engine, "dp_group", None))
         returns_T1 = batch.returns_T1
         if self.returns.value_rms is not None:
             returns_T1 = self.returns.value_rms.normalize(returns_T1)

@@ -7,8 +7,9 @@ mesh's); the others are inference copies that the master refreshes by a realloc 
 (`Kind.REALLOC`) when the training copy has a newer parameter version.
 
 `build_mesh_model` is the one place a copy is built: for tp = pp = 1 it is the single-device
-path (`realflow.system.models.build_model`) with the mesh's dp group; a tensor / pipeline
-parallel shard builder plugs in there.
+path (`realflow.system.models.build_model`) with the mesh's dp group; for tp > 1 or pp > 1 it
+is this worker's shard (`realflow.parallel.runtime.build_shard_model`), whose engine runs the
+interfaces unchanged and whose `engine.parallel.flat_params()` realloc reads and writes.
 """
 
 from __future__ import annotations
@@ -71,22 +72,30 @@ def build_mesh_model(
     seed: int,
     groups: Any,
     device: torch.device,
+    full: torch.nn.Module | None = None,
 ) -> Model:
     """This worker's copy of `role` for the mesh of `groups` (a MeshGroups it is a member of):
     a train engine over the mesh's dp group when `trained`, an inference engine otherwise.
 
-    The seam for tensor / pipeline parallel shards: tp = pp = 1 builds the whole model exactly
-    as a single worker does (same seed, same weights on every dp rank)."""
+    tp = pp = 1 builds the whole model exactly as a single worker does (same seed, same weights
+    on every dp rank); tp > 1 or pp > 1 builds this worker's shard of it, cut from `full` (the
+    role's whole model, built in this copy's dtype) when given, else from a fresh build."""
     from realflow.system.models import build_model
 
     lay = groups.mesh.layout
     if lay.tp > 1 or lay.pp > 1:
-        raise ValueError(
-            f"{name}: layout {lay} needs the tensor/pipeline parallel shard builder, which "
-            "build_mesh_model does not call yet; use d<dp>t1p1"
+        from realflow.parallel.runtime import build_shard_model
+
+        return build_shard_model(
+            name, role, trained, total_train_steps, seed, groups, device, full=full
         )
     dp_group = groups.dp_group if trained else None
     return build_model(name, role, trained, total_train_steps, seed, dp_group, device=device)
+
+
+def is_sharded(mesh: Mesh) -> bool:
+    """Whether a copy on `mesh` is a tp / pp shard (else a whole model per worker)."""
+    return mesh.layout.tp > 1 or mesh.layout.pp > 1
 
 
 def role_model_config(role: ModelRole) -> Any:
@@ -163,7 +172,6 @@ class MeshCopies:
         """Build the process groups of every mesh of the run (collective: every worker, the
         same order), then this worker's copies. Returns a copy per role held here (the
         training copy when there is one), for what is per role: tokenizers, checkpoints."""
-        from realflow.parallel.flat import FlatParams
         from realflow.parallel.groups import MeshGroups
 
         for mesh in self.plan.mesh_order():
@@ -175,19 +183,48 @@ class MeshCopies:
         roles = cfg.roles()
         moving = {r for r, _, _ in self.plan.reallocs()}
         per_role: dict[str, Model] = {}
+        wholes: dict[tuple[str, Any], torch.nn.Module] = {}  # shards of a role cut from one
         for role, mesh in self.plan.copies():
             if self.worker not in mesh:
                 continue
             trained = self.plan.train_mesh.get(role) == mesh
+            full = None
+            if is_sharded(mesh) and roles[role].head != "none":
+                full = self._whole(wholes, role, roles[role], trained, cfg.seed, device)
             model = build_mesh_model(
-                role, roles[role], trained, total_train_steps, cfg.seed, self.groups[mesh], device
-            )
+                role, roles[role], trained, total_train_steps, cfg.seed, self.groups[mesh],
+                device, full=full,
+            )  # fmt: skip
             self.models[(role, mesh)] = model
             if role in moving and model.module is not None:
-                self.flats[(role, mesh)] = FlatParams(model.module.module)
+                self.flats[(role, mesh)] = self._flat_of(model)
             if trained or role not in per_role:
                 per_role[role] = model
         return per_role
+
+    @staticmethod
+    def _whole(
+        wholes: dict, name: str, role: ModelRole, trained: bool, seed: int, device: torch.device
+    ) -> torch.nn.Module:
+        """The role's whole model in the dtype of a copy (`trained` or not), built once per
+        worker for all the shards of the role it holds (each shard is a copy of its part)."""
+        from realflow.system.models import build_module, weights_dtype
+
+        dtype = weights_dtype(role, trained)
+        if (name, dtype) not in wholes:
+            wholes[(name, dtype)] = build_module(role, seed, dtype, device)
+        return wholes[(name, dtype)]
+
+    @staticmethod
+    def _flat_of(model: Model) -> Any:
+        """The FlatParams realloc uses for a copy: a shard's own (`engine.parallel`, made once
+        per model), else one over the whole module."""
+        from realflow.parallel.flat import FlatParams
+
+        parallel = getattr(model.module, "parallel", None)
+        if parallel is not None:
+            return parallel.flat_params()
+        return FlatParams(model.module.module)
 
     def model(self, mfc: str) -> Model:
         return self.models[(self.plan.roles[mfc], self.plan.meshes[mfc])]
@@ -200,10 +237,13 @@ class MeshCopies:
         return c.tp == 0 and c.pp == mesh.layout.pp - 1
 
     def saves(self, role: str) -> bool:
-        """Whether this worker writes `role`'s HF checkpoint: the first worker of its training
-        mesh (dp rank 0; with tp/pp, the gathered model goes there)."""
+        """Whether this worker calls `role`'s save: the first worker of its training mesh,
+        which writes the HF checkpoint; with tp / pp every worker of that mesh (the save gathers
+        the shards, a collective, and the first worker alone writes the whole model)."""
         mesh = self.plan.train_mesh.get(role)
-        return mesh is not None and mesh.workers[0] == self.worker
+        if mesh is None or self.worker not in mesh:
+            return False
+        return is_sharded(mesh) or mesh.workers[0] == self.worker
 
     def release(self, mfc: str) -> None:
         """Free the weights of the copy `mfc` runs on (not the training copy's: it is kept)."""

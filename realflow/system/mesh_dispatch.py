@@ -207,16 +207,24 @@ def plan_moves(
     return moves
 
 
-def merge_stats(stats: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
-    """Per-key mean of the dp ranks' stats, weighted by `weights` (their sample counts) over
-    the ranks that report the key. Values every rank shares (grad_norm, lr) stay as they are."""
+# Counts of a dp rank's own part, summed over the ranks.
+SUMMED_STATS = ("n_tokens",)
+
+
+def merge_stats(stats: list[dict[str, float]], n_samples: list[int]) -> dict[str, float]:
+    """The dp ranks' stats as one row: counts of a rank's part (`SUMMED_STATS`, e.g. an SFT
+    step's n_tokens) summed; every other key a mean over the ranks that report it, weighted by
+    their sample counts `n_samples`. A train step's loss and loss stats need no weights: the
+    engine already reports their loss-weighted (per-token) means over the whole dp group, the
+    same on every rank; so do values every rank shares (grad_norm, lr)."""
     sums: dict[str, float] = collections.defaultdict(float)
     totals: dict[str, float] = collections.defaultdict(float)
-    for s, w in zip(stats, weights, strict=True):
+    for s, n in zip(stats, n_samples, strict=True):
         for k, v in s.items():
-            sums[k] += float(v) * w
-            totals[k] += w
-    return {k: sums[k] / totals[k] if totals[k] else 0.0 for k in sums}
+            sums[k] += float(v) if k in SUMMED_STATS else float(v) * n
+            totals[k] += n
+    means = {k: sums[k] / totals[k] if totals[k] else 0.0 for k in sums}
+    return {k: sums[k] if k in SUMMED_STATS else means[k] for k in sums}
 
 
 def _merge_meta(metas: list[SequenceSample]) -> SequenceSample:

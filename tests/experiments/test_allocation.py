@@ -121,14 +121,41 @@ def test_unsupported_layouts_and_combinations_are_refused_before_anything_starts
         "eval_freq_steps=5",
     )
     assert found == [
-        "allocation.actor_train=d1t2p1@0-1: tensor/pipeline parallel layouts (tp=2, pp=1) are "
-        "not wired into the workers yet; use d<dp>t1p1",
+        "allocation.actor_train=d1t2p1@0-1: tensor/pipeline parallel shards run on the torch "
+        "engine backend (got actor.backend=deepspeed); set actor.backend=torch or use d<dp>t1p1",
         "allocation.critic_train=d8t1p1@3-10: dp (8) must be <= the MFC's n_seqs (4)",
         "allocation: actor runs on d1t1p1@2 besides its training mesh; realloc supports the "
         "torch backend without adapters or offload (got actor.backend=deepspeed, "
         "lora/peft=False, offload=False)",
         "eval_freq_steps: evaluation with a <layout>@<workers> allocation is not supported yet; "
         "set eval_freq_steps=0 or use worker indices",
+    ]
+
+
+def test_tensor_and_pipeline_layouts_are_accepted_where_a_shard_can_be_built():
+    mesh = [
+        "mode=ray",
+        "allocation.actor_train=d2t1p1@0-1",
+        "allocation.actor_gen=d1t2p1@2-3",
+        "allocation.ref=d1t1p2@2-3",
+        "allocation.critic=1",
+    ]
+    cfg = apply_overrides(PPOConfig, [*mesh, "allocation.rew=0"])
+    plan = mesh_plan(cfg, cfg.mfcs())
+    assert str(plan.meshes["actor_gen"]) == "d1t2p1@2-3"
+    assert plan.reallocs() == [("actor", Mesh.parse("d2t1p1@0-1"), Mesh.parse("d1t2p1@2-3"))]
+    # The built-in rule-based reward has no weights (head 'none'): nothing to shard.
+    assert problems(PPOConfig, *mesh, "allocation.rew=d1t2p1@0-1") == [
+        "allocation.rew_inf=d1t2p1@0-1: rew has no weights to shard (head 'none'); use d<dp>t1p1"
+    ]
+    assert problems(PPOConfig, *mesh, "allocation.rew=0", "ref.lora.rank=4") == [
+        "allocation.ref_inf=d1t1p2@2-3: a role with adapters (lora/peft) or base_of is not "
+        "sharded over tensor/pipeline parallel layouts (got layout d1t1p2); use d<dp>t1p1 for ref"
+    ]
+    # PPO's early stop skips minibatches by a rank-local decision: not with dp > 1.
+    assert problems(PPOConfig, *mesh, "allocation.rew=0", "ppo.early_stop_kl=0.5") == [
+        "allocation.actor_train=d2t1p1@0-1: early stop (early_stop_kl=0.5) decides per dp rank, "
+        "which then run different numbers of collectives; set it to 0 or give the MFC dp=1"
     ]
 
 

@@ -8,8 +8,12 @@ interface on the whole model (each process builds it itself). Checked within 1e-
     mesh's first worker) loads back to the reference's weights;
   - ppo_actor / ppo_critic inference: log-probs and values;
   - ppo_actor greedy generate: the same answers and log-probs;
-  - d2t1p1 (each process half the batch): sft train_step gives the whole batch's weights and
-    grad_norm (gradients averaged over the dp group);
+  - d2t1p1 (each process half the batch): sft train_step gives the whole batch's weights,
+    grad_norm (gradients averaged over the dp group) and loss / nll / ppl (token-weighted over
+    the dp group);
+  - d2t1p1 with default PPO settings (advantage whitening, 2 minibatches), the adaptive KL
+    controller and value normalisation: ppo_actor and ppo_critic end at the whole batch's
+    weights, KL coefficient and value statistics (batch statistics all-gathered over dp);
   - build_shard_model on a role: the shard holds the role's (seeded) weights;
   - realflow.algorithms' chunked log-probs and entropy with a VocabShard (several chunks,
     temperature 0.7): values and the gradient of each rank's logit columns equal the whole
@@ -34,6 +38,7 @@ from realflow.api.interface import Model
 from realflow.api.registry import INTERFACES
 from realflow.engines import EngineConfig, OptimizerConfig, build_train_engine
 from realflow.engines.train import InferenceEngine
+from realflow.interfaces.sft import n_trained_tokens
 from realflow.parallel.groups import MeshGroups
 from realflow.parallel.layout import Mesh
 from realflow.parallel.model import shard_state_dict
@@ -56,9 +61,9 @@ def ppo_args() -> dict:
     return dict(gen=dict(GEN), ppo_n_minibatches=2, use_adv_norm=True, early_stop_imp_ratio=10.0)
 
 
-def rl_batch(seed: int = 0, n: int = 8) -> SequenceSample:
-    """A PPO train batch: prompts of 2-5 tokens, answers of 1-12, random log-probs, values,
-    rewards and no-EOS flags."""
+def rl_batch(seed: int = 0, n: int = 8, length: int | None = None) -> SequenceSample:
+    """A PPO train batch: prompts of 2-5 tokens, answers of 1-12 (or `length` tokens in all),
+    random log-probs, values, rewards and no-EOS flags."""
     g = torch.Generator().manual_seed(seed)
     keys: dict[str, list] = {
         k: [] for k in ("packed_input_ids", "prompt_mask", "logprobs", "ref_logprobs", "values")
@@ -69,7 +74,7 @@ def rl_batch(seed: int = 0, n: int = 8) -> SequenceSample:
             int(torch.randint(2, 6, (1,), generator=g)),
             int(torch.randint(1, 13, (1,), generator=g)),
         )
-        L = n_prompt + n_answer
+        L = length or n_prompt + n_answer
         mask_T1 = torch.arange(L - 1) >= n_prompt - 1
         keys["packed_input_ids"].append([torch.randint(3, VOCAB, (L,), generator=g)])
         keys["prompt_mask"].append([torch.arange(L) < n_prompt])
@@ -149,7 +154,40 @@ def data_parallel_case(groups: MeshGroups, solo) -> None:
     part = data.index([0, 1, 2]) if groups.coords.dp == 0 else data.index([3, 4, 5, 6, 7])
     got = INTERFACES.get("sft")().train_step(Model("s", engine), part, MB)
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    # Each rank reports the whole batch's per-token means (its loss weights all-gathered), and
+    # its own part's token count (the master sums those).
+    for key in ("loss", "nll", "ppl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["n_tokens"] == sum(n_trained_tokens(mb) for mb in part.split(1))
     check_weights(engine, ref, str(groups.mesh))
+
+
+def ppo_data_parallel_case(groups: MeshGroups, solo) -> None:
+    """Default PPO settings (2 minibatches, advantage whitening) plus the adaptive KL controller
+    and value normalisation: each dp rank trains on half the batch and must end where one process
+    does on the whole batch. Sequences of one length, so each rank's minibatch i holds half of
+    the reference's minibatch i (ranks [0-3], [4-7]; reference order 0 1 4 5 | 2 3 6 7)."""
+    data = rl_batch(seed=5, length=10)
+    part = data.index([0, 1, 2, 3] if groups.coords.dp == 0 else [4, 5, 6, 7])
+    whole = data.index([0, 1, 4, 5, 2, 3, 6, 7])
+    args = dict(gen=dict(GEN), adaptive_kl_ctl=True, adaptive_kl_target=0.1, value_norm=True)
+    for name, head in (("ppo_actor", "lm"), ("ppo_critic", "critic")):
+        full = reference_model(CONFIG, head, seed=6)
+        ref = build_train_engine(copy.deepcopy(full), EngineConfig(), OPTIM, 10, dp_group=solo)
+        engine = shard_engine(full, groups, EngineConfig(), OPTIM, 10)
+        want_iface, got_iface = INTERFACES.get(name)(**args), INTERFACES.get(name)(**args)
+        for _ in range(2):  # the second step reads the KL coefficient / value stats of the first
+            want = want_iface.train_step(Model("r", ref), whole, MB)
+            got = got_iface.train_step(Model("s", engine), part, MB)
+        what = f"{name} dp=2"
+        for key in ("loss", "grad_norm", "kl_coef"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), f"{what}: {key}"
+        check_weights(engine, ref, what)
+        w, g = want_iface.state_dict(), got_iface.state_dict()
+        assert g["kl_ctl"]["value"] == pytest.approx(w["kl_ctl"]["value"], rel=1e-9), what
+        for k in ("mean", "var", "count"):
+            assert float(g["value_rms"][k]) == pytest.approx(float(w["value_rms"][k])), k
 
 
 def generate_case(groups: MeshGroups) -> None:
@@ -212,7 +250,9 @@ def _worker(rank: int, world: int) -> None:
         if spec.startswith("d1t2"):
             role_case(groups)
             vocab_parallel_case(groups)
-    data_parallel_case(MeshGroups.build(Mesh.parse("d2t1p1@0-1")), solo)
+    dp2 = MeshGroups.build(Mesh.parse("d2t1p1@0-1"))
+    data_parallel_case(dp2, solo)
+    ppo_data_parallel_case(dp2, solo)
 
 
 def test_interfaces_on_tp2_and_pp2_shards_equal_one_process():

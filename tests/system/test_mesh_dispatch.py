@@ -82,3 +82,8 @@ def test_tp_peers_of_a_dp_rank_get_the_same_samples():
 def test_merged_stats_weigh_each_dp_rank_by_its_samples():
     merged = merge_stats([{"loss": 1.0, "lr": 0.1}, {"loss": 4.0, "lr": 0.1, "x": 2.0}], [3, 1])
     assert merged == {"loss": (3 * 1.0 + 4.0) / 4, "lr": 0.1, "x": 2.0}
+
+
+def test_merged_stats_sum_the_ranks_token_counts():
+    merged = merge_stats([{"nll": 2.0, "n_tokens": 3.0}, {"nll": 2.0, "n_tokens": 5.0}], [1, 2])
+    assert merged == {"nll": 2.0, "n_tokens": 8.0}
