@@ -184,6 +184,7 @@ def search(
     seed: int = 0,
     max_iters: int = 20000,
     keep: int = 3,
+    restarts: int = 4,
 ) -> SearchResult:
     """The best plan found (see the module docstring) within `budget_s` seconds or `max_iters`
     MCMC moves, whichever comes first."""
@@ -197,6 +198,10 @@ def search(
         result.seconds = time.perf_counter() - t0
         return result  # some MFC fits nowhere on its own
     starts = [b.plan for b in baselines(problem) if b.step_time_s < INF]
+    for start in starts:  # the baselines' placements are candidates too (e.g. half a node)
+        for m in names:
+            if start[m] not in cands[m]:
+                cands[m].append(start[m])
     whole = problem.cluster.n_devices
     starts.append({**_pinned(problem), **{m: _best_of(cands[m], whole) for m in names}})
     evals = 0
@@ -211,6 +216,14 @@ def search(
         if time.perf_counter() > deadline:
             break
         plan, s = _descend(dict(start), evaluate(start), cands, names, evaluate, deadline)
+        if s < result.step_time_s:
+            result.plan, result.step_time_s = dict(plan), s
+            result.found_at_s = time.perf_counter() - t0
+    for _ in range(restarts):  # descents from random plans: other basins than the baselines'
+        if time.perf_counter() > deadline:
+            break
+        start = {**_pinned(problem), **{m: rng.choice(cands[m]) for m in names}}
+        plan, s = _descend(start, evaluate(start), cands, names, evaluate, deadline)
         if s < result.step_time_s:
             result.plan, result.step_time_s = dict(plan), s
             result.found_at_s = time.perf_counter() - t0
