@@ -93,7 +93,7 @@ def schedule(problem: Problem, plan: Plan, n_steps: int = 3) -> list[list[tuple[
             heapq.heappush(running, (now, seq := seq + 1, FETCH, next_fetch, -1, data))
             next_fetch += 1
         for s in in_flight:
-            if not loaded[s]:
+            if not loaded[s] or not pending[s]:
                 continue
             ds = done[s]
             prev = done[s - 1] if s - 1 in in_flight else None
@@ -101,24 +101,25 @@ def schedule(problem: Problem, plan: Plan, n_steps: int = 3) -> list[list[tuple[
             for i in pending[s]:
                 tr = trainer[i]
                 if (
-                    any(not ds[j] for j in deps[i])
+                    mask[i] & busy
+                    or any(not ds[j] for j in deps[i])
                     or (prev is not None and tr >= 0 and not prev[tr])
                     or any(not ds[j] for j in peers[i])
                 ):
                     left.append(i)
                     continue
                 r = realloc[i]
-                due = r is not None and copy_at.get(copy[i], 0) < s
-                need = mask[i] | r[1] if due and r is not None else mask[i]
-                if need & busy:
-                    left.append(i)
-                    continue
-                busy |= need
                 start = now
-                if due and r is not None:
+                if r is not None and copy_at.get(copy[i], 0) < s:  # due: the mesh is behind
+                    if r[1] & busy:
+                        left.append(i)
+                        continue
                     start = now + r[0]
                     copy_at[copy[i]] = s
-                    heapq.heappush(running, (start, seq := seq + 1, REALLOC, s, i, need & ~mask[i]))
+                    frees = r[1] & ~mask[i]  # the training mesh; the call keeps its own
+                    busy |= r[1]
+                    heapq.heappush(running, (start, seq := seq + 1, REALLOC, s, i, frees))
+                busy |= mask[i]
                 times[s][i] = (start, start + dur[i])
                 heapq.heappush(running, (start + dur[i], seq := seq + 1, MFC, s, i, mask[i]))
             pending[s] = left

@@ -4,8 +4,10 @@ baselines users write by hand.
 Algorithm: best-response descent + MCMC (Metropolis), both over the same candidates.
 - Candidates of an MFC: every device range of `Problem.ranges()` (aligned blocks within a
   node, runs of whole nodes) times the `keep` fastest layouts of that range size that fit its
-  own memory. Position does not change a call's time, only what it shares devices with.
-- Descent: from each start (the baselines, and everything on the whole cluster), replace one
+  own memory, and the placements the baselines use. Position does not change a call's time,
+  only what it shares devices with.
+- Descent: from each start (the baselines, everything on the whole cluster, and `restarts`
+  random plans: a mesh allocation's realloc and batch loads make narrow basins), replace one
   MFC's placement by its best candidate given the others (every candidate tried), MFC after MFC,
   until a sweep improves nothing. This is exact coordinate search: it finds what MCMC finds by
   sampling, without the sampling.
