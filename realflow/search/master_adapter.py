@@ -65,6 +65,7 @@ class SimTransport(Transport):
         self.outputs = outputs  # MFC name -> output keys
         self.n_seqs = n_seqs  # samples per batch (>= the largest dp: the master splits them)
         self.now = 0.0
+        self.realloc_s: dict[tuple[str, str, str], float] = {}
         self.free_at: dict[int, float] = {}  # worker -> when its last queued call ends
         self.pending: list[tuple[float, int]] = []  # (end, handle)
         self.calls: dict[int, tuple[Kind, Any, int, float, float]] = {}
@@ -82,9 +83,14 @@ class SimTransport(Transport):
         d = 0.0
         if kind == Kind.MFC:
             d = self.duration(payload.mfc, payload.step)
-        elif kind == Kind.REALLOC:
+        elif kind == Kind.REALLOC:  # one request per worker of both meshes: time it once
             req: ReallocRequest = payload
-            d = self.realloc(req.role, Mesh.parse(req.src), Mesh.parse(req.dst))
+            key = (req.role, req.src, req.dst)
+            if key not in self.realloc_s:
+                self.realloc_s[key] = self.realloc(
+                    req.role, Mesh.parse(req.src), Mesh.parse(req.dst)
+                )
+            d = self.realloc_s[key]
         start = max(self.now, self.free_at.get(worker, 0.0))
         self.free_at[worker] = start + d
         h = next(self._ids)
