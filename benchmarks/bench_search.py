@@ -38,12 +38,13 @@ def _ppo(overrides: list[str]):
     return apply_overrides(PPOConfig, overrides)
 
 
-def large(budget: float) -> None:
+def large(budget: float, max_nodes: int) -> None:
     cases = [
         ("llama-70b", 16, 512),
         ("llama-7b", 2, 512),
         ("llama-7b", 128, 16384),
     ]
+    cases = [c for c in cases if c[1] <= max_nodes]
     load = os.getloadavg()[0]
     print(f"# {datetime.date.today()} {socket.gethostname()}, budget {budget:.0f} s, "
           f"load average {load:.1f} on {os.cpu_count()} cores\n")  # fmt: skip
@@ -166,12 +167,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("what", choices=("large", "validate"))
     p.add_argument("--budget", type=float, default=40.0)
+    p.add_argument("--max-nodes", type=int, default=128, help="skip larger clusters")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--model-dir", default="/tmp/realflow_bench_search_h256")
     p.add_argument("--ray", action="store_true", help="also two-worker runs in mode=ray")
     args = p.parse_args()
     if args.what == "large":
-        large(args.budget)
+        large(args.budget, args.max_nodes)
     else:
         validate(args.steps, _model_dir(args.model_dir), args.ray)
 

@@ -103,6 +103,7 @@ class Problem:
         per = self.cluster.devices_per_node
         return p.lo // per != (p.lo + p.n - 1) // per
 
+    @functools.cache  # noqa: B019
     def time(self, name: str, p: Placement) -> float:
         """Seconds of one call of MFC `name` on `p` (without realloc)."""
         links = self.links(p)

@@ -4,8 +4,10 @@ baselines users write by hand.
 Algorithm: best-response descent + MCMC (Metropolis), both over the same candidates.
 - Candidates of an MFC: every device range of `Problem.ranges()` (aligned blocks within a
   node, runs of whole nodes) times the `keep` fastest layouts of that range size that fit its
-  own memory. Position does not change a call's time, only what it shares devices with.
-- Descent: from each start (the baselines, and everything on the whole cluster), replace one
+  own memory, and the placements the baselines use. Position does not change a call's time,
+  only what it shares devices with.
+- Descent: from each start (the baselines, everything on the whole cluster, and `restarts`
+  random plans: a mesh allocation's realloc and batch loads make narrow basins), replace one
   MFC's placement by its best candidate given the others (every candidate tried), MFC after MFC,
   until a sweep improves nothing. This is exact coordinate search: it finds what MCMC finds by
   sampling, without the sampling.
@@ -184,6 +186,7 @@ def search(
     seed: int = 0,
     max_iters: int = 20000,
     keep: int = 3,
+    restarts: int = 4,
 ) -> SearchResult:
     """The best plan found (see the module docstring) within `budget_s` seconds or `max_iters`
     MCMC moves, whichever comes first."""
@@ -197,6 +200,10 @@ def search(
         result.seconds = time.perf_counter() - t0
         return result  # some MFC fits nowhere on its own
     starts = [b.plan for b in baselines(problem) if b.step_time_s < INF]
+    for start in starts:  # the baselines' placements are candidates too (e.g. half a node)
+        for m in names:
+            if start[m] not in cands[m]:
+                cands[m].append(start[m])
     whole = problem.cluster.n_devices
     starts.append({**_pinned(problem), **{m: _best_of(cands[m], whole) for m in names}})
     evals = 0
@@ -211,6 +218,14 @@ def search(
         if time.perf_counter() > deadline:
             break
         plan, s = _descend(dict(start), evaluate(start), cands, names, evaluate, deadline)
+        if s < result.step_time_s:
+            result.plan, result.step_time_s = dict(plan), s
+            result.found_at_s = time.perf_counter() - t0
+    for _ in range(restarts):  # descents from random plans: other basins than the baselines'
+        if time.perf_counter() > deadline:
+            break
+        start = {**_pinned(problem), **{m: rng.choice(cands[m]) for m in names}}
+        plan, s = _descend(start, evaluate(start), cands, names, evaluate, deadline)
         if s < result.step_time_s:
             result.plan, result.step_time_s = dict(plan), s
             result.found_at_s = time.perf_counter() - t0

@@ -7,18 +7,18 @@ from __future__ import annotations
 import dataclasses
 
 from realflow.api.dfg import DataflowGraph
+from realflow.parallel.layout import Mesh
 from realflow.search import cost
-from realflow.search.estimate import durations
 from realflow.search.master_adapter import SimEvent, run_master
-from realflow.search.plan import Plan, Problem
+from realflow.search.plan import Placement, Plan, Problem
 from realflow.system.observe import Tracer
 from realflow.system.worker import MFCResult
 
 
 @dataclasses.dataclass
 class DeviceEvent:
-    """One interval a device spent on a call (`realloc <role>` for the weights' move before a
-    call on another placement of a trained role)."""
+    """One interval a device spent on a call (`realloc <role>`: the weights' move from a trained
+    role's training mesh to another of its meshes, on the devices of both)."""
 
     name: str
     step: int
@@ -41,28 +41,22 @@ class SimResult:
         return sorted(d for d, b in self.peak_memory.items() if b > self.memory_limit)
 
 
-def simulate(
-    problem: Problem,
-    plan: Plan,
-    dfg: DataflowGraph,
-    n_steps: int = 4,
-    weight_copies: dict[str, str] | None = None,
-    max_staleness: int = 0,
-) -> SimResult:
-    """Run `n_steps` steps of `dfg` under `plan` through the real master."""
-    dur = dict(zip([t.name for t in problem.tasks], durations(problem, plan), strict=True))
-    devices_of = {
-        t.name: frozenset(plan[t.name].workers) if t.model is not None else frozenset()
-        for t in problem.tasks
-    }
-    calls, _ = run_master(
-        dfg, devices_of, lambda name, step: dur[name], n_steps, weight_copies, max_staleness
+def simulate(problem: Problem, plan: Plan, dfg: DataflowGraph, n_steps: int = 4) -> SimResult:
+    """Run `n_steps` steps of `dfg` under `plan` through the real master: every MFC on its
+    placement's mesh, the cost model's call and realloc times."""
+    meshes = {t.name: plan[t.name].mesh for t in problem.tasks}
+    calls = run_master(
+        dfg,
+        meshes,
+        lambda name, step: problem.time(name, plan[name]),
+        lambda role, src, dst: problem.realloc_time(role, _placement(src), _placement(dst)),
+        n_steps,
     )
-    mfc_calls = [c for c in calls if c.kind == "mfc"]
-    events = _device_events(problem, plan, mfc_calls)
+    events = _device_events(problem, calls)
     ends: dict[int, float] = {}
-    for c in mfc_calls:
-        ends[c.step] = max(ends.get(c.step, 0.0), c.end)
+    for c in calls:
+        if c.kind == "mfc":
+            ends[c.step] = max(ends.get(c.step, 0.0), c.end)
     step_ends = [ends[s] for s in sorted(ends)]
     period = (
         (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
@@ -79,22 +73,18 @@ def simulate(
     )
 
 
-def _device_events(problem: Problem, plan: Plan, calls: list[SimEvent]) -> list[DeviceEvent]:
+def _placement(mesh: Mesh) -> Placement:
+    return Placement(mesh.layout, mesh.workers[0])
+
+
+def _device_events(problem: Problem, calls: list[SimEvent]) -> list[DeviceEvent]:
+    """The MFC and realloc calls of the MFCs with weights (a weightless one is free)."""
     out = []
     for c in calls:
-        assert c.mfc is not None
-        t = problem.by_name[c.mfc]
-        if t.model is None:
-            continue
-        p = plan[c.mfc]
-        realloc_s = 0.0
-        if t.kind != "train_step" and t.role in problem.trainer:
-            realloc_s = problem.realloc_time(t.role, plan[problem.trainer[t.role]], p)
-        realloc_end = c.start + realloc_s
-        for d in p.workers:
-            if realloc_s > 0:
-                out.append(DeviceEvent(f"realloc {t.role}", c.step, d, c.start, realloc_end))
-            out.append(DeviceEvent(c.mfc, c.step, d, realloc_end, c.end))
+        if c.kind == "realloc":
+            out.append(DeviceEvent(f"realloc {c.role}", c.step, c.worker, c.start, c.end))
+        elif c.kind == "mfc" and problem.by_name[c.mfc or ""].model is not None:
+            out.append(DeviceEvent(c.mfc or "", c.step, c.worker, c.start, c.end))
     return sorted(out, key=lambda e: (e.start, e.device))
 
 

@@ -23,11 +23,12 @@ def _random_plan(problem, rng):
 
 
 def test_estimate_equals_the_master_driven_simulation(ppo4):
-    """Random plans on 4 devices (overlapping, disjoint, shared meshes): the list-scheduling
-    estimate and the real master give the same step ends."""
+    """Random plans on 4 devices (overlapping, disjoint, shared meshes; reallocs between a
+    role's meshes; the weightless scorer anywhere): the list-scheduling estimate and the real
+    master give the same step ends."""
     problem, dfg = ppo4
     rng = random.Random(0)
-    for _ in range(12):
+    for _ in range(20):
         plan = _random_plan(problem, rng)
         sim = simulate.simulate(problem, plan, dfg, n_steps=4)
         ends = estimate.step_ends(estimate.schedule(problem, plan, n_steps=4))
@@ -59,8 +60,36 @@ def test_parameter_version_rule_and_device_exclusivity(ppo4):
     for spans in per_device.values():
         spans.sort()
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:], strict=False))
-    # actor_gen is on another layout than actor_train: a realloc precedes every generation
-    assert any(e.name == "realloc actor" for e in sim.events)
+    # actor_gen is on another mesh than actor_train: a realloc precedes its later generations
+    assert {e.step for e in sim.events if e.name == "realloc actor"} == {2, 3}
+
+
+def test_realloc_occupies_both_meshes_from_step_2(ppo4):
+    """Generation on devices 0-1, every other call with weights on 2-3 (one layout): each step
+    runs serially, and from step 2 on the actor's weights move 2-3 -> 0-1 first, holding all
+    four devices. Step ends by hand: E1 = S, E_t = E_{t-1} + r + S (S: the calls' sum, r:
+    the realloc)."""
+    problem, dfg = ppo4
+    rest = Placement(Layout(1, 2, 1), 2)
+    plan = {t.name: rest for t in problem.tasks}
+    plan["actor_gen"] = Placement(Layout(2, 1, 1), 0)
+    plan["rew_inf"] = Placement(Layout(), 0)  # weightless: pinned to device 0, free
+    total = sum(problem.time(t.name, plan[t.name]) for t in problem.tasks)
+    r = problem.realloc_time("actor", rest, plan["actor_gen"])
+    assert r > 0
+    sim = simulate.simulate(problem, plan, dfg, n_steps=3)
+    assert sim.step_ends == pytest.approx([total, 2 * total + r, 3 * total + 2 * r])
+    assert sim.step_time_s == pytest.approx(total + r)
+    for step in (2, 3):
+        moves = [e for e in sim.events if e.name == "realloc actor" and e.step == step]
+        assert sorted(e.device for e in moves) == [0, 1, 2, 3]
+        end = sim.step_ends[step - 2]
+        assert all((e.start, e.end) == pytest.approx((end, end + r)) for e in moves)
+        gens = [e for e in sim.events if e.name == "actor_gen" and e.step == step]
+        assert sorted(e.device for e in gens) == [0, 1]
+        assert all(e.start == pytest.approx(end + r) for e in gens)
+    assert not any(e.name.startswith("realloc critic") for e in sim.events)  # one mesh
+    assert estimate.step_ends(estimate.schedule(problem, plan, 3)) == sim.step_ends
 
 
 def test_trace_is_the_runtime_format(ppo4, tmp_path):
