@@ -469,8 +469,10 @@ class ExperimentConfig:
                 heads = f"{name} has head {roles[name].head}, {owner} {roles[owner].head}"
                 problems.append(f"{where}: {heads}")
             if cfg.bf16 != own.bf16:
+                unset = "unset: true on a GPU, false on CPU"
+                mine, theirs = (unset if v is None else v for v in (cfg.bf16, own.bf16))
                 problems.append(
-                    f"{where}: {name}.bf16 ({cfg.bf16}) must equal {owner}.bf16 ({own.bf16}): "
+                    f"{where}: {name}.bf16 ({mine}) must equal {owner}.bf16 ({theirs}): "
                     f"{name} computes with {owner}'s engine"
                 )
             default_path = getattr(type(self)(), name).path

@@ -45,7 +45,7 @@ def test_adapter_keys_are_documented_and_checked():
     text = "\n".join(err.value.problems)
     assert "actor.lora.rank (4) and peft.method ('doraa') both ask for adapters" in text
     assert "actor.peft.method 'doraa' unknown" in text and "did you mean 'dora'?" in text
-    assert "ref.bf16 (True) must equal actor.bf16 (False)" in text
+    assert "ref.bf16 (True) must equal actor.bf16 (unset: true on a GPU, false on CPU)" in text
     assert "allocation puts ref on worker 1 and actor on 0" in text
     with pytest.raises(ConfigError, match="actor must be trained with adapters"):
         tiny_config("grpo", "unused", "ref.base_of=actor")
