@@ -244,12 +244,13 @@ def build_shard_model(
         )
     if role.head == "none":
         raise ValueError(f"{name}: a role without weights (head 'none') has nothing to shard")
+    device = torch.device(device)
     if full is None:
-        full = build_module(role, seed, weights_dtype(role, trained), torch.device(device))
+        full = build_module(role, seed, weights_dtype(role, trained, device), device)
     engine = shard_engine(
         full,
         groups,
-        role.config.engine_config(),
+        role.config.engine_config(device.type),
         role.config.optimizer if trained else None,
         total_train_steps,
     )

@@ -210,7 +210,7 @@ class MeshCopies:
         worker for all the shards of the role it holds (each shard is a copy of its part)."""
         from realflow.system.models import build_module, weights_dtype
 
-        dtype = weights_dtype(role, trained)
+        dtype = weights_dtype(role, trained, device)
         if (name, dtype) not in wholes:
             wholes[(name, dtype)] = build_module(role, seed, dtype, device)
         return wholes[(name, dtype)]
