@@ -27,12 +27,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m realflow.quickstart ppo
 
-# Whole RL runs that must learn (marker `learning`, ~half the suite) are mostly one busy Python
-# thread each: they run two at a time after the rest, which runs one test at a time (several
-# tests check timings of concurrent calls). Exit 5 = nothing selected (PYTEST_ARGS named a path).
 test: install
-	$(PY) -m pytest -m "not learning" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -m learning -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check realflow tests benchmarks experiments

@@ -96,7 +96,6 @@ def _reward_gain(rows: list[dict[str, Any]]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.learning
 @pytest.mark.parametrize("bug", [None, "negated_advantages"])
 def test_async_grpo_learns_the_task(tmp_path, reverse_sft, monkeypatch, bug):
     from realflow.api.config import apply_overrides

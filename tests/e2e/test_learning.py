@@ -24,7 +24,7 @@ import pytest
 
 from realflow.system.runner import run
 
-pytestmark = [pytest.mark.slow, pytest.mark.learning, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PPO_STEPS, PPO_MIN_GAIN = 200, 0.06
 GRPO_STEPS, GRPO_MIN_GAIN = 120, 0.15
