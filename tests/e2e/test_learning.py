@@ -74,9 +74,9 @@ def _negate_critic_targets(monkeypatch: Any) -> None:
     def init_negated(self: Any, **kwargs: Any) -> None:
         init(self, **kwargs)
         compute = self.returns.compute
-        self.returns.compute = lambda data: (
+        self.returns.compute = lambda data, *args: (
             lambda b: dataclasses.replace(b, returns_T1=-b.returns_T1)
-        )(compute(data))
+        )(compute(data, *args))
 
     monkeypatch.setattr(PPOCriticInterface, "__init__", init_negated)
 
