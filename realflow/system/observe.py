@@ -220,20 +220,25 @@ class Tracer:
         self.flush()
 
     def record(self, result: MFCResult, n_seqs: int) -> None:
+        args = {
+            "step": result.step,
+            "n_seqs": n_seqs,
+            "store": result.store_size,
+            "version": result.version,
+        }
+        self._span(result.mfc, result.worker, result.start, result.end, args)
+
+    def _span(self, name: str, worker: int, start: float, end: float, args: dict) -> None:
+        """A complete event on `worker`'s track from `start` to `end` (wall-clock seconds)."""
         self._emit(
             {
-                "name": result.mfc,
+                "name": name,
                 "ph": "X",
                 "pid": 0,
-                "tid": result.worker,
-                "ts": (result.start - self.t0) * 1e6,
-                "dur": (result.end - result.start) * 1e6,
-                "args": {
-                    "step": result.step,
-                    "n_seqs": n_seqs,
-                    "store": result.store_size,
-                    "version": result.version,
-                },
+                "tid": worker,
+                "ts": (start - self.t0) * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": args,
             }
         )
 
@@ -241,23 +246,14 @@ class Tracer:
         """One worker's part of a realloc (named `realloc <role> <src> -> <dst>`) on its track;
         args: the step it ran before, the parameter version it moved, and bytes moved."""
         req = result.request
-        self._emit(
-            {
-                "name": req.name,
-                "ph": "X",
-                "pid": 0,
-                "tid": result.worker,
-                "ts": (result.start - self.t0) * 1e6,
-                "dur": (result.end - result.start) * 1e6,
-                "args": {
-                    "step": req.step,
-                    "moved_version": req.version,
-                    "sent_bytes": result.sent_bytes,
-                    "recv_bytes": result.recv_bytes,
-                    "local_bytes": result.local_bytes,
-                },
-            }
-        )
+        args = {
+            "step": req.step,
+            "moved_version": req.version,
+            "sent_bytes": result.sent_bytes,
+            "recv_bytes": result.recv_bytes,
+            "local_bytes": result.local_bytes,
+        }
+        self._span(req.name, result.worker, result.start, result.end, args)
 
     def flush(self) -> None:
         if self.file is not None:
