@@ -10,7 +10,7 @@ The prompts run as one packed prefill (no padding). Two decode engines (`Generat
   Tensor / pipeline-parallel generation always runs this one.
 - `static` (realflow.models.static_decode): fixed-shape buffers, the batch stays dense (finished
   rows keep running, masked), no host sync per token, and on CUDA the decode step is a CUDA graph.
-`auto` is `static` on CUDA and `eager` elsewhere. Both draw the same noise per step for every
+`auto` is `static` on CUDA and `eager` elsewhere. Both draw the same uniforms per step for every
 sequence of the batch, so under one seed they give the same tokens (up to float rounding).
 """
 
@@ -145,32 +145,38 @@ def process_logits(logits_BV: torch.Tensor, gconfig: GenerationConfig) -> torch.
     return logits
 
 
-def exponential_noise(
-    n_rows: int, vocab: int, device: torch.device, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Exp(1) noise `noise_BV` (fp32) for `sample_tokens`, clamped away from 0."""
-    noise = torch.empty(n_rows, vocab, dtype=torch.float32, device=device)
-    return noise.exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
+def uniform_draws(n_rows: int, device: torch.device, generator: torch.Generator | None):
+    """One U[0, 1) draw `u_B` (fp64) per row for `sample_tokens`."""
+    return torch.rand(n_rows, dtype=torch.float64, device=device, generator=generator)
 
 
 def sample_tokens(
     logits_BV: torch.Tensor,
     gconfig: GenerationConfig,
     generator: torch.Generator | None,
-    noise_BV: torch.Tensor | None = None,
+    u_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens_B, logprobs_B) drawn from `process_logits(logits_BV)`.
 
-    A draw is `argmax(p / E)` with E ~ Exp(1) per token (the exponential race, what
-    torch.multinomial does for one sample): one elementwise pass and an argmax, no host sync.
-    `noise_BV` is E (default: drawn from `generator`); filtered tokens (p = 0) are never drawn."""
+    A draw inverts the cumulative distribution at one uniform `u_B` per row (default: drawn
+    from `generator`): the first token whose fp64 cumulative probability exceeds `u * total`,
+    found by binary search. One uniform per row instead of one noise value per token (the
+    exponential race draws rows x vocab, which on CPU cost more than the rest of a decode step
+    of a small model), and no host sync. Filtered tokens (p = 0) are never drawn."""
     logp_BV = torch.log_softmax(process_logits(logits_BV, gconfig), dim=-1)
     if gconfig.greedy:
         tokens_B = logp_BV.argmax(-1)
     else:
-        if noise_BV is None:
-            noise_BV = exponential_noise(*logp_BV.shape, logp_BV.device, generator)
-        tokens_B = (logp_BV - noise_BV.log()).argmax(-1)
+        if u_B is None:
+            u_B = uniform_draws(logp_BV.shape[0], logp_BV.device, generator)
+        cdf_BV = logp_BV.double().exp_().cumsum_(-1)
+        x_B1 = (u_B * cdf_BV[:, -1])[:, None]
+        tokens_B = torch.searchsorted(cdf_BV, x_B1, right=True).squeeze(-1)
+        tokens_B = tokens_B.clamp_max_(logp_BV.shape[-1] - 1)
+        # u * total rounds below total, so the token found has p > 0; this only guards the
+        # last token of a row against a rounding up (its p would be 0 if it was filtered).
+        drawn_lp_B = logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+        tokens_B = torch.where(drawn_lp_B > float("-inf"), tokens_B, logp_BV.argmax(-1))
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
@@ -251,17 +257,16 @@ def pick_tokens(
     """`sample_tokens`, with stop tokens banned before `min_new_tokens`; also returns the
     tokens' log-probs under the unfiltered distribution (`plain_logprobs`).
 
-    With `rows_B` (the active rows' indices among `n_total` sequences) the noise is drawn for
-    all `n_total` and each row takes its own, so a sequence's draws do not depend on which
+    With `rows_B` (the active rows' indices among `n_total` sequences) the uniforms are drawn
+    for all `n_total` and each row takes its own, so a sequence's draws do not depend on which
     others have finished (the eager and static engines then agree under one seed)."""
     draw_BV = logits_BV
     if step < gconfig.min_new_tokens and stop_ids.numel():
         draw_BV = logits_BV.float().index_fill(-1, stop_ids, float("-inf"))
-    noise_BV = None
+    u_B = None
     if rows_B is not None and not gconfig.greedy:
-        noise_BV = exponential_noise(n_total, logits_BV.shape[-1], logits_BV.device, generator)
-        noise_BV = noise_BV[rows_B]
-    tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator, noise_BV)
+        u_B = uniform_draws(n_total, logits_BV.device, generator)[rows_B]
+    tok_B, logp_B = sample_tokens(draw_BV, gconfig, generator, u_B)
     return tok_B, logp_B, plain_logprobs(logits_BV, tok_B, plain_temperature(gconfig))
 
 

@@ -14,7 +14,7 @@ never change shape or move:
   and replayed. All graphs of a call share one memory pool.
 
 On a CPU the same step runs eagerly (graphs are CUDA only), which is how the tests compare it
-with the eager engine. Sampling draws noise for every row each step (`pick_tokens`), so both
+with the eager engine. Sampling draws a uniform for every row each step (`pick_tokens`), so both
 engines give the same tokens under one seed; on CUDA the graph's RNG offsets differ from an
 eager run, so the draws are equal in distribution, not token for token.
 """

@@ -180,3 +180,20 @@ def test_greedy_takes_the_argmax_with_the_plain_softmax_logprob():
     for b in range(8):
         want = reference_logprobs(logits_BV[b].double().tolist(), g)[int(tokens[b])]
         assert float(logps[b]) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_draw_takes_the_token_where_the_cumulative_probability_passes_u():
+    """At u = 0 the first allowed token in vocabulary order, at the largest u below 1 the last
+    allowed one (never the filtered tokens around them), and in between the token whose
+    cumulative interval holds u (intervals computed here from the reference probabilities)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0, 0.1]])
+    g = GenerationConfig(top_k=2)  # keeps tokens 1 and 3
+    want = reference_logprobs(logits[0].double().tolist(), g)
+    p1 = math.exp(want[1])
+    below_one = torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0))
+    cases = [(0.0, 1), (p1 * 0.999, 1), (p1 * 1.001, 3), (float(below_one), 3)]
+    for u, token in cases:
+        u_B = torch.tensor([u], dtype=torch.float64)
+        tokens, logps = sample_tokens(logits, g, None, u_B)
+        assert int(tokens[0]) == token, (u, int(tokens[0]))
+        assert float(logps[0]) == pytest.approx(want[token], abs=1e-6)
