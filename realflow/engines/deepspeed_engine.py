@@ -62,9 +62,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from realflow.engines.common import EngineError, load_weights
 from realflow.engines.config import EngineConfig, OptimizerConfig
 from realflow.engines.optimizers import make_optimizer, set_lr_factor
-from realflow.engines.train import EngineError, load_weights
 
 logger = logging.getLogger(__name__)
 

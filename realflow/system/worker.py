@@ -333,7 +333,7 @@ class ModelWorker:
     def get_weights(self, role: str) -> tuple[int, dict[str, torch.Tensor] | None]:
         """`(version, weights)` of `role`: a snapshot of its state dict (fp32 masters of a
         trained role) that later train steps do not change; None for a weightless role."""
-        from realflow.engines.train import clone_state
+        from realflow.engines.common import clone_state
 
         model = self.models[role]
         engine = model.module
