@@ -55,14 +55,19 @@ def rloo_advantages(
 
 
 def batch_scaled_advantages(
-    scores_B: torch.Tensor, group_sizes: Sequence[int] | torch.Tensor, eps: float = 1e-6
+    scores_B: torch.Tensor,
+    group_sizes: Sequence[int] | torch.Tensor,
+    eps: float = 1e-6,
+    batch_scores_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-centred scores divided by the std of all scores of the batch (TRL's
     ``scale_rewards="batch"``): ``(r_i - mean of r_i's group) / (std over the batch + eps)``,
-    std unbiased (0 for a batch of one); a group of equal scores gets exactly 0."""
+    std unbiased (0 for a batch of one); a group of equal scores gets exactly 0.
+    `batch_scores_B`: the scores the std is taken over when `scores_B` is one part of the
+    batch (a data-parallel rank's; default `scores_B`)."""
     _group_index(scores_B, group_sizes, least=1)
     centered = group_normalized_advantages(scores_B, group_sizes, scale_by_std=False)
-    x = scores_B.to(centered.dtype)
+    x = (scores_B if batch_scores_B is None else batch_scores_B).to(centered.dtype)
     std = x.std() if x.numel() > 1 else x.new_zeros(())
     return centered / (std + eps)
 

@@ -8,6 +8,7 @@ is the shared critic-free actor (see realflow.interfaces.policy for the keys and
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from realflow.algorithms import (
 from realflow.api.data import SequenceSample
 from realflow.api.registry import INTERFACES
 from realflow.interfaces.common import IDS, answer_mask_T1
+from realflow.interfaces.dp_stats import dp_all
 from realflow.interfaces.policy import CriticFreeActor, PolicyArgs
 
 SCALE_REWARDS = ("group", "batch", "none")  # TRL GRPOConfig.scale_rewards names
@@ -46,13 +48,18 @@ class GRPOActorInterface(CriticFreeActor):
     args_class = GRPOArgs
     name = "grpo_actor"
 
-    def advantages(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
+    def advantages(
+        self, data: SequenceSample, dp_group: Any = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Group-centred shaped scores, divided by the group's std ("group"), the batch's
-        ("batch") or nothing ("none"), on answer tokens ([T1]); and reward statistics."""
+        ("batch": every dp rank's scores) or nothing ("none"), on answer tokens ([T1]); and
+        reward statistics."""
         score_B, stats = self.scores(data)
         sizes = self.group_sizes(data)
         if self.args.scale_rewards == "batch":
-            adv_B = batch_scaled_advantages(score_B, sizes)
+            adv_B = batch_scaled_advantages(
+                score_B, sizes, batch_scores_B=dp_all(score_B, dp_group)
+            )
         else:
             adv_B = group_normalized_advantages(score_B, sizes, self.args.scale_rewards == "group")
         stats["advantages/abs_mean"] = float(adv_B.abs().mean())

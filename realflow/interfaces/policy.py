@@ -163,7 +163,7 @@ class CriticFreeActor(ModelInterface):
         self, model: Model, data: SequenceSample, mb_spec: MicroBatchSpec
     ) -> dict[str, float]:
         engine = train_engine_of(model, self.name)
-        adv_T1, stats = self.advantages(data)
+        adv_T1, stats = self.advantages(data, getattr(engine, "dp_group", None))
         tensors = {
             "old_logprobs": data.data["logprobs"].float(),
             "advantages": adv_T1.float(),
@@ -195,8 +195,12 @@ class CriticFreeActor(ModelInterface):
 
     # ---- the math -----------------------------------------------------------------------------
 
-    def advantages(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-        """`advantages_T1` on answer tokens (0 elsewhere) and statistics."""
+    def advantages(
+        self, data: SequenceSample, dp_group: Any = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`advantages_T1` on answer tokens (0 elsewhere) and statistics. `dp_group`: the train
+        engine's data-parallel group, over which a normalisation by the whole batch gathers
+        (realflow.interfaces.dp_stats); every rank of it calls this."""
         raise NotImplementedError
 
     def loss(self, module: torch.nn.Module, mb: SequenceSample) -> tuple[torch.Tensor, dict]:

@@ -26,7 +26,6 @@ from realflow.algorithms import (
     kl_shaped_rewards,
     masked_mean,
     masked_var,
-    masked_whiten,
     ppo_actor_loss,
     ppo_critic_loss,
     process_scores,
@@ -53,6 +52,7 @@ from realflow.interfaces.common import (
     train_engine_of,
     train_minibatches,
 )
+from realflow.interfaces.dp_stats import dp_all, dp_masked_whiten
 
 
 @dataclasses.dataclass
@@ -197,40 +197,6 @@ class PPOReturns:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if self.value_rms is not None:
             self.value_rms.load_state_dict(state["value_rms"])
-
-
-def dp_cat(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, int] | None:
-    """(`x` (1-D) of every rank of the data-parallel `group` concatenated in rank order, where
-    this rank's `x` starts in it); None without a group or in a group of one."""
-    from realflow.engines.train import dp_world
-
-    active, size = dp_world(group)
-    if not active:
-        return None
-    every: list[Any] = [None] * size
-    torch.distributed.all_gather_object(every, x.detach().cpu(), group=group)
-    start = sum(len(t) for t in every[: torch.distributed.get_rank(group)])
-    return torch.cat(every).to(x.device), start
-
-
-def dp_masked_whiten(x_T: torch.Tensor, mask_T: torch.Tensor, group: Any) -> torch.Tensor:
-    """`masked_whiten` with the mean and variance of the masked entries of every rank of the
-    data-parallel `group` (the whole batch's, when each rank holds a part of it)."""
-    keep = mask_T.bool()
-    gathered = dp_cat(x_T[keep], group)
-    if gathered is None:
-        return masked_whiten(x_T, mask_T)
-    every, start = gathered
-    whitened = masked_whiten(every, torch.ones_like(every, dtype=torch.bool))
-    out = torch.zeros_like(x_T)
-    out[keep] = whitened[start : start + int(keep.sum())]
-    return out
-
-
-def dp_all(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """`x` (1-D) of every rank of `group` concatenated in rank order; `x` without a group."""
-    gathered = dp_cat(x, group)
-    return x if gathered is None else gathered[0]
 
 
 def explained_variance(

@@ -12,6 +12,7 @@ actor (see realflow.interfaces.policy).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ from realflow.algorithms.kl import KL_ESTIMATORS
 from realflow.api.data import SequenceSample
 from realflow.api.registry import INTERFACES
 from realflow.interfaces.common import IDS, answer_mask_T1
+from realflow.interfaces.dp_stats import dp_masked_whiten
 from realflow.interfaces.policy import CriticFreeActor, PolicyArgs
 
 
@@ -51,17 +53,22 @@ class ReinforcePPActorInterface(CriticFreeActor):
     name = "reinforce_pp_actor"
     kl_in_loss = False  # the KL is in the token rewards
 
-    def advantages(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-        """Whitened reward-to-go of the KL-shaped token rewards ([T1], 0 off the answers)."""
+    def advantages(
+        self, data: SequenceSample, dp_group: Any = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Reward-to-go of the KL-shaped token rewards, whitened over every answer token of the
+        batch (of every rank of `dp_group`) ([T1], 0 off the answers)."""
         score_B, stats = self.scores(data)
         a, d = self.args, data.data
         cu_B1 = data.cu_seqlens(IDS)
         mask_T1 = answer_mask_T1(d["prompt_mask"], cu_B1)
         logp_T1 = d["logprobs"].float()
         ref_T1 = d["ref_logprobs"].float() if a.kl_beta > 0 else logp_T1
-        adv_T1, ret_T1 = reinforce_pp_advantages(
+        _, ret_T1 = reinforce_pp_advantages(
             score_B, logp_T1, ref_T1, mask_T1, cu_B1, a.kl_beta, a.gamma, a.kl_estimator
         )
+        # Whitened again: reinforce_pp_advantages saw this rank's part of the batch only.
+        adv_T1 = dp_masked_whiten(ret_T1, mask_T1, dp_group)
         stats["returns/mean"] = float(masked_mean(ret_T1, mask_T1))
         if a.kl_beta > 0:
             stats["kl"] = float(masked_mean(logp_T1 - ref_T1, mask_T1))

@@ -12,6 +12,7 @@ actor (see realflow.interfaces.policy).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -52,8 +53,11 @@ class RLOOActorInterface(CriticFreeActor):
         super().__init__(**kwargs)
         self.kl_in_loss = not self.args.kl_in_reward
 
-    def advantages(self, data: SequenceSample) -> tuple[torch.Tensor, dict[str, float]]:
-        """Leave-one-out advantages of the (KL-penalised) shaped scores on answer tokens."""
+    def advantages(
+        self, data: SequenceSample, dp_group: Any = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Leave-one-out advantages of the (KL-penalised) shaped scores on answer tokens (within
+        each prompt's group: nothing gathers over `dp_group`)."""
         score_B, stats = self.scores(data)
         cu_B1 = data.cu_seqlens(IDS)
         mask_T1 = answer_mask_T1(data.data["prompt_mask"], cu_B1)

@@ -94,6 +94,18 @@ def test_batch_scaled_advantages_default_eps_and_bf16_scores():
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
 
 
+def test_batch_scaled_advantages_of_one_part_take_the_whole_batch_std():
+    """A data-parallel rank's part: centred within its own groups, scaled by the std of the
+    whole batch's scores (`batch_scores_B`); the parts together equal the whole batch's."""
+    xs, sizes = [1.0, 3.0, 2.0, 6.0, -1.0], [2, 3]
+    whole = torch.tensor(xs, dtype=torch.float64)
+    want = ref_batch_scaled(xs, sizes, 1e-6)
+    first = batch_scaled_advantages(whole[:2], [2], batch_scores_B=whole)
+    second = batch_scaled_advantages(whole[2:], [3], batch_scores_B=whole)
+    torch.testing.assert_close(torch.cat([first, second]), torch.tensor(want).double())
+    assert not torch.allclose(first, batch_scaled_advantages(whole[:2], [2]))
+
+
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=6), st.integers(0, 1000))
 @settings(max_examples=40, deadline=None)
 def test_dynamic_sampling_keeps_groups_whose_scores_differ(sizes, seed):

@@ -14,6 +14,8 @@ interface on the whole model (each process builds it itself). Checked within 1e-
   - d2t1p1 with default PPO settings (advantage whitening, 2 minibatches), the adaptive KL
     controller and value normalisation: ppo_actor and ppo_critic end at the whole batch's
     weights, KL coefficient and value statistics (batch statistics all-gathered over dp);
+  - d2t1p1 for grpo_actor (scale_rewards="batch") and reinforce_pp_actor, whose advantages
+    are normalised over the batch: the whole batch's weights;
   - build_shard_model on a role: the shard holds the role's (seeded) weights;
   - realflow.algorithms' chunked log-probs and entropy with a VocabShard (several chunks,
     temperature 0.7): values and the gradient of each rank's logit columns equal the whole
@@ -61,28 +63,34 @@ def ppo_args() -> dict:
     return dict(gen=dict(GEN), ppo_n_minibatches=2, use_adv_norm=True, early_stop_imp_ratio=10.0)
 
 
-def rl_batch(seed: int = 0, n: int = 8, length: int | None = None) -> SequenceSample:
+def rl_batch(
+    seed: int = 0, n: int = 8, length: int | None = None, group: int = 1
+) -> SequenceSample:
     """A PPO train batch: prompts of 2-5 tokens, answers of 1-12 (or `length` tokens in all),
-    random log-probs, values, rewards and no-EOS flags."""
+    random log-probs, values, rewards and no-EOS flags; `group` sequences per sample (the
+    answers of one prompt, as critic-free actors take them)."""
     g = torch.Generator().manual_seed(seed)
     keys: dict[str, list] = {
         k: [] for k in ("packed_input_ids", "prompt_mask", "logprobs", "ref_logprobs", "values")
     }
     keys.update(rewards=[], no_eos_mask=[])
     for _ in range(n):
-        n_prompt, n_answer = (
-            int(torch.randint(2, 6, (1,), generator=g)),
-            int(torch.randint(1, 13, (1,), generator=g)),
-        )
-        L = length or n_prompt + n_answer
-        mask_T1 = torch.arange(L - 1) >= n_prompt - 1
-        keys["packed_input_ids"].append([torch.randint(3, VOCAB, (L,), generator=g)])
-        keys["prompt_mask"].append([torch.arange(L) < n_prompt])
-        keys["logprobs"].append([-torch.rand(L - 1, generator=g) * 5 * mask_T1])
-        keys["ref_logprobs"].append([-torch.rand(L - 1, generator=g) * 5])
-        keys["values"].append([torch.randn(L, generator=g)])
-        keys["rewards"].append([torch.randn(1, generator=g)])
-        keys["no_eos_mask"].append([torch.rand(1, generator=g) < 0.3])
+        for k in keys:
+            keys[k].append([])
+        for _ in range(group):
+            n_prompt, n_answer = (
+                int(torch.randint(2, 6, (1,), generator=g)),
+                int(torch.randint(1, 13, (1,), generator=g)),
+            )
+            L = length or n_prompt + n_answer
+            mask_T1 = torch.arange(L - 1) >= n_prompt - 1
+            keys["packed_input_ids"][-1].append(torch.randint(3, VOCAB, (L,), generator=g))
+            keys["prompt_mask"][-1].append(torch.arange(L) < n_prompt)
+            keys["logprobs"][-1].append(-torch.rand(L - 1, generator=g) * 5 * mask_T1)
+            keys["ref_logprobs"][-1].append(-torch.rand(L - 1, generator=g) * 5)
+            keys["values"][-1].append(torch.randn(L, generator=g))
+            keys["rewards"][-1].append(torch.randn(1, generator=g))
+            keys["no_eos_mask"][-1].append(torch.rand(1, generator=g) < 0.3)
     return SequenceSample.from_sequences(list(range(n)), keys)
 
 
@@ -190,6 +198,31 @@ def ppo_data_parallel_case(groups: MeshGroups, solo) -> None:
             assert float(g["value_rms"][k]) == pytest.approx(float(w["value_rms"][k])), k
 
 
+def critic_free_data_parallel_case(groups: MeshGroups, solo) -> None:
+    """Critic-free actors whose advantages are normalised over the batch: grpo_actor with
+    scale_rewards="batch" (group-centred scores over the std of every score) and
+    reinforce_pp_actor (returns whitened over every answer token). Each dp rank trains on half
+    the samples and must end where one process does on the whole batch."""
+    data = rl_batch(seed=9, length=10, group=2).select(
+        ["packed_input_ids", "prompt_mask", "logprobs", "ref_logprobs", "rewards", "no_eos_mask"]
+    )
+    part = data.index([0, 1, 2, 3] if groups.coords.dp == 0 else [4, 5, 6, 7])
+    common = dict(gen=dict(GEN), group_size=2, n_minibatches=1)
+    for name, args in (
+        ("grpo_actor", dict(common, scale_rewards="batch")),
+        ("reinforce_pp_actor", dict(common, kl_beta=0.1)),
+    ):
+        full = reference_model(CONFIG, "lm", seed=8)
+        ref = build_train_engine(copy.deepcopy(full), EngineConfig(), OPTIM, 10, dp_group=solo)
+        engine = shard_engine(full, groups, EngineConfig(), OPTIM, 10)
+        want = INTERFACES.get(name)(**args).train_step(Model("r", ref), data, MB)
+        got = INTERFACES.get(name)(**args).train_step(Model("s", engine), part, MB)
+        what = f"{name} dp=2"
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), f"{what}: {key}"
+        check_weights(engine, ref, what)
+
+
 def generate_case(groups: MeshGroups) -> None:
     full = reference_model(CONFIG, "lm", seed=4)
     ref = InferenceEngine(copy.deepcopy(full).requires_grad_(False), EngineConfig())
@@ -253,6 +286,7 @@ def _worker(rank: int, world: int) -> None:
     dp2 = MeshGroups.build(Mesh.parse("d2t1p1@0-1"))
     data_parallel_case(dp2, solo)
     ppo_data_parallel_case(dp2, solo)
+    critic_free_data_parallel_case(dp2, solo)
 
 
 def test_interfaces_on_tp2_and_pp2_shards_equal_one_process():
