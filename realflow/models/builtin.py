@@ -10,6 +10,7 @@ from realflow.api.registry import closest
 from realflow.models.config import TransformerConfig
 
 _LLAMA = dict(family="llama", norm_type="rms", activation="silu", gated_mlp=True, position="rope")
+_QWEN2 = dict(_LLAMA, family="qwen2", qkv_bias=True, tie_word_embeddings=True)
 _GPT2 = dict(
     family="gpt2",
     norm_type="layer",
@@ -27,15 +28,7 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         _LLAMA, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128
     ),
     "tiny-qwen2": dict(
-        _LLAMA,
-        family="qwen2",
-        hidden_size=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=128,
-        qkv_bias=True,
-        tie_word_embeddings=True,
+        _QWEN2, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128
     ),
     "tiny-gpt2": dict(
         _GPT2,
@@ -47,15 +40,12 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     ),
     # Qwen2-0.5B's shape (random init): the GPU benchmark's model (benchmarks/gpu/bench_gpu.py).
     "qwen2-0.5b": dict(
-        _LLAMA,
-        family="qwen2",
+        _QWEN2,
         hidden_size=896,
         n_layers=24,
         n_heads=14,
         n_kv_heads=2,
         intermediate_size=4864,
-        qkv_bias=True,
-        tie_word_embeddings=True,
         rope_theta=1000000.0,
         max_position_embeddings=32768,
     ),
