@@ -56,6 +56,17 @@ def score(problem: Problem, plan: Plan, n_steps: int = 3) -> float:
     return step_time(problem, plan, n_steps)
 
 
+def _own_bytes(problem: Problem, name: str, p: Placement) -> float:
+    """The least MFC `name` needs on each device of `p`, whatever else runs there: a train_step
+    keeps its role's training state at home on `p`; any other call of a trained role holds only
+    a weight copy in the compute dtype there (its training state lives on the train_step's
+    devices), and an untrained role's weights are that copy."""
+    task = problem.by_name[name]
+    if problem.trainer.get(task.role) == name:
+        return problem.resident_bytes(task.role, p) + problem.working_bytes(name, p, True)
+    return problem.working_bytes(name, p, False)
+
+
 def _pinned(problem: Problem) -> Plan:
     """Weightless MFCs (rule-based scorers) cost nothing; they are not searched."""
     return {t.name: Placement(Layout(), 0) for t in problem.tasks if t.model is None}
@@ -67,7 +78,6 @@ def searched(problem: Problem) -> list[str]:
 
 def candidates(problem: Problem, name: str, keep: int = 3) -> list[Placement]:
     """The placements worth trying for MFC `name` (see the module docstring)."""
-    task = problem.by_name[name]
     limit = problem.dev.memory * cost.USABLE_MEMORY
     best_layouts: dict[tuple[int, bool], list[Layout]] = {}
     out = []
@@ -77,9 +87,7 @@ def candidates(problem: Problem, name: str, keep: int = 3) -> list[Placement]:
             fitting = []
             for lay in problem.layouts(name, n):
                 p = Placement(lay, lo)
-                own = problem.working_bytes(name, p, True)
-                own += problem.resident_bytes(task.role, p)
-                if own <= limit:
+                if _own_bytes(problem, name, p) <= limit:
                     fitting.append((problem.time(name, p), str(lay), lay))
             best_layouts[key] = [lay for _, _, lay in sorted(fitting)[:keep]]
         out.extend(Placement(lay, lo) for lay in best_layouts[key])

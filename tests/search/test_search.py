@@ -78,6 +78,29 @@ def test_a_model_too_big_for_one_device_gets_model_parallelism():
     assert lay.tp * lay.pp == 2 and found.step_time_s < search.INF
 
 
+def test_a_generation_too_big_to_train_on_its_devices_is_still_a_candidate():
+    """A generate call of a trained role holds a weight copy where it runs; the training state
+    stays on the train_step's devices. So a device that cannot hold this model's training state
+    (16 bytes per weight) can still generate: every placement of the generate call that gives a
+    fitting plan (full memory accounting) with the train step on both devices is a candidate."""
+    big = dataclasses.replace(SMALL, n_layers=24, hidden_size=1024, intermediate_size=2048)
+    assert big.params * 16 > DEV.memory * 0.9  # no training state on one device
+    mfcs = [
+        MFCDef("gen", "m", "generate", InterfaceSpec("x"), 4, ("prompts",), ("answers",)),
+        MFCDef("train", "m", "train_step", InterfaceSpec("x"), 4, ("answers",), ()),
+    ]
+    problem = problem_from_dfg(build_dfg(mfcs), {"m": big}, make_cluster(per=2), 32, 32)
+    train = Placement(Layout(1, 2, 1), 0)
+    fitting = {
+        Placement(lay, lo)
+        for lo, n in problem.ranges()
+        for lay in problem.layouts("gen", n)
+        if problem.fits({"gen": Placement(lay, lo), "train": train})
+    }
+    assert Placement(Layout(), 0) in fitting  # the premise: one device generates
+    assert fitting <= set(search.candidates(problem, "gen", keep=100))
+
+
 def test_nothing_fits_gives_no_plan():
     huge = dataclasses.replace(SMALL, n_layers=200, hidden_size=4096, intermediate_size=8192)
     problem = _two_inferences(make_cluster(per=2), huge)
