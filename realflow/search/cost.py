@@ -34,7 +34,12 @@ from realflow.search.spec import DeviceProfile, Link, ModelSpec
 
 TRAIN_STATE_BYTES = 16.0  # fp32 weights + fp32 grads + Adam m, v
 GRAD_BYTES = 4.0  # gradients are all-reduced in fp32 (the torch backend's master weights)
-ACT_BYTES_PER_HIDDEN = 34.0  # stored activations per token per layer per hidden unit (bf16)
+# Stored activations per token per layer per hidden unit (bf16, no sequence parallelism, flash
+# attention): Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+# Models"), s b h (10 + 24 / t): the norms' and residual inputs (10) are whole on every tp rank,
+# only the projections' and MLP's (24) are split.
+ACT_BYTES_REPLICATED = 10.0
+ACT_BYTES_SPLIT = 24.0
 USABLE_MEMORY = 0.9  # fraction of a device's memory a plan may fill (allocator slack)
 
 
@@ -243,7 +248,10 @@ def activation_bytes(model: ModelSpec, layout: Layout, work: Work, dev: DevicePr
     b = minibatch_seqs(work, layout)
     m = n_microbatches(work, layout, b)
     t_mb = b * work.seq_len / m
-    per_layer = 2 * h if work.gradient_checkpointing else ACT_BYTES_PER_HIDDEN * h / layout.tp
+    if work.gradient_checkpointing:
+        per_layer = 2 * h
+    else:
+        per_layer = (ACT_BYTES_REPLICATED + ACT_BYTES_SPLIT / layout.tp) * h
     in_flight = min(m, layout.pp)
     stored = in_flight * t_mb * layers * per_layer * scale
     return stored + t_mb * logits_per_token * 3

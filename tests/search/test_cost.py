@@ -151,6 +151,15 @@ def test_memory_by_hand():
     assert cost.activation_bytes(TOY, Layout(1, 1, 1), tr, DEV) == 8 * 2 * 34 * 4 + 8 * 40 * 3
 
 
+def test_tensor_parallel_splits_only_part_of_the_stored_activations():
+    """Without sequence parallelism (realflow has none) the norms' and residual inputs are whole
+    on every tp rank: (10 + 24 / tp) * hidden bytes per token per layer (Korthikanti et al.
+    2022), not 34 / tp. tp=2: 8 tokens x 2 layers x (10 + 12) x 4, logits 3x fp32 of 10 / 2."""
+    tr = cost.Work("train_step", n_seqs=2, prompt_len=2, gen_len=2)
+    expected = 8 * 2 * (10 + 24 / 2) * 4 + 8 * 5 * 4 * 3
+    assert cost.activation_bytes(TOY, Layout(1, 2, 1), tr, DEV) == pytest.approx(expected)
+
+
 def test_out_of_memory_check():
     assert cost.fits(0.9e6, DEV)
     assert not cost.fits(0.9e6 + 1, DEV)
