@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-from realflow.search import search
+from realflow.search import cost, search
 from realflow.search.cli import SearchConfig, build_problem
 from realflow.search.simulate import simulate
 
@@ -71,10 +72,61 @@ def large(budget: float, max_nodes: int) -> None:
             peak = max(s.peak_memory.values()) / 1e9
             print(f"| {model} | {problem.cluster.n_devices} | {n_seqs} | {r.name} | "
                   f"{s.step_time_s:.2f} | {peak:.1f} | {s.step_time_s / best_base:.2f}x |")  # fmt: skip
+        chain, joint = lower_bounds(problem)
+        print(f"| {model} | {problem.cluster.n_devices} | {n_seqs} | lower bound: chain / "
+              f"chain + devices | {chain:.2f} / {joint:.2f} | | {chain / best_base:.2f}x / "
+              f"{joint / best_base:.2f}x |")  # fmt: skip
         print(f"| | | | search: {found.seconds:.1f} s wall ({found.cpu_s:.1f} s CPU), "
               f"{found.evaluations} plans, best after {found.found_at_s:.1f} s | | | |")  # fmt: skip
         plan = ", ".join(f"{k}={v}" for k, v in found.plan.items())
         print(f"| | | | plan: {plan} | | | |")
+
+
+def _fastest(problem, name: str) -> list[tuple[int, float]]:
+    """(devices, seconds) of MFC `name`'s fastest layout that fits its own memory, per range
+    size the search can give it."""
+    from realflow.search.plan import Placement
+
+    limit = problem.dev.memory * cost.USABLE_MEMORY
+    out = []
+    for n in sorted({n for _, n in problem.ranges()}):
+        times = [problem.time(name, Placement(lay, 0)) for lay in problem.layouts(name, n)
+                 if search._own_bytes(problem, name, Placement(lay, 0)) <= limit]  # fmt: skip
+        if times:
+            out.append((n, min(times)))
+    return out
+
+
+def lower_bounds(problem) -> tuple[float, float]:
+    """Two lower bounds on the step time of any plan of a PPO-like graph (generate, then
+    inference calls, then the train_steps) under the version rule, from the per-call times
+    alone (reallocs, memory shared between MFCs and the master's dispatch order relaxed):
+    - chain: generation(t) -> every inference of t -> the generator's train_step(t) ->
+      generation(t + 1) is sequential, each call at its fastest, the inferences side by side;
+    - chain and devices: also every call's device-seconds fit in the step on the cluster, and
+      the inferences' within the window between generation and the train step; minimised
+      over every MFC's device count."""
+    n_dev = problem.cluster.n_devices
+    by_kind = {k: [t.name for t in problem.tasks if t.kind == k and t.model is not None]
+               for k in ("generate", "inference", "train_step")}  # fmt: skip
+    (gen,) = by_kind["generate"]
+    train = problem.trainer[problem.by_name[gen].role]
+    opts = {m: _fastest(problem, m) for m in search.searched(problem)}
+    infs = by_kind["inference"]
+    chain = (min(t for _, t in opts[gen]) + max(min(t for _, t in opts[m]) for m in infs)
+             + min(t for _, t in opts[train]))  # fmt: skip
+    other_work = sum(min(n * t for n, t in opts[m]) for m in by_kind["train_step"] if m != train)
+    windows = []  # (window seconds, inference device-seconds) of every combination
+    for combo in itertools.product(*(opts[m] for m in infs)):
+        work = sum(n * t for n, t in combo)
+        windows.append((max(max(t for _, t in combo), work / n_dev), work))
+    joint = float("inf")
+    for ng, tg in opts[gen]:
+        for na, ta in opts[train]:
+            for win, work in windows:
+                total = (ng * tg + na * ta + other_work + work) / n_dev
+                joint = min(joint, max(tg + win + ta, total))
+    return chain, joint
 
 
 def _real_run(overrides: list[str], steps: int, mode: str) -> tuple[float, dict[str, float]]:

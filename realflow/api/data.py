@@ -327,8 +327,8 @@ def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
 
 def balanced_partition(costs: Sequence[int], k: int, min_size: int = 1) -> list[tuple[int, int]]:
     """Cut `costs` into `k` contiguous [start, end) ranges of at least `min_size` items each,
-    minimising the largest range sum. Exact (dynamic programming, O(k n^2)); ties go to the
-    earliest cut points."""
+    minimising the largest range sum. Exact (dynamic programming, O(k n^2); O(k) when every
+    cost is the same); ties go to the earliest cut points."""
     n = len(costs)
     if k <= 0 or min_size <= 0:
         raise SequenceSampleError(f"k ({k}) and min_size ({min_size}) must be positive")
@@ -336,6 +336,27 @@ def balanced_partition(costs: Sequence[int], k: int, min_size: int = 1) -> list[
         raise SequenceSampleError(
             f"cannot split {n} samples into {k} parts of at least {min_size} samples each"
         )
+    if all(c == costs[0] for c in costs):
+        return _equal_partition(n, k, min_size, costs[0] == 0)
+    return _dp_partition(costs, k, min_size)
+
+
+def _equal_partition(n: int, k: int, min_size: int, zero: bool) -> list[tuple[int, int]]:
+    """`_dp_partition`'s answer for n equal costs, in closed form. The best largest sum of i
+    items in j parts is ceil(i / j) items' (>= min_size, as i >= j * min_size), so the DP's
+    last cut of i items into j parts is the earliest s >= (j - 1) * min_size with i - s <=
+    ceil(i / j) (then s / (j - 1) <= ceil(i / j) holds too): max(i - ceil(i / j), (j - 1) *
+    min_size). With zero costs every cut ties, and the earliest is (j - 1) * min_size."""
+    bounds, i = [], n
+    for j in range(k, 0, -1):
+        s = (j - 1) * min_size if zero else max(i - -(-i // j), (j - 1) * min_size)
+        bounds.append((s, i))
+        i = s
+    return bounds[::-1]
+
+
+def _dp_partition(costs: Sequence[int], k: int, min_size: int) -> list[tuple[int, int]]:
+    n = len(costs)
     prefix = [0, *itertools.accumulate(costs)]
     inf = float("inf")
     # best[j][i]: minimal max-sum splitting the first i items into j parts; cut[j][i]: last start.

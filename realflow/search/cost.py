@@ -9,7 +9,12 @@ Conventions (what realflow runs, so what the model assumes):
   replica sees the whole replica batch; sequences are packed, so a train / inference call
   processes `b * (prompt + answer)` tokens per replica;
 - train_step and inference are micro-batched (`max_tokens_per_mb`, at least 2 * pp micro-batches
-  with pp > 1) and pipelined 1F1B: a bubble of (m + pp - 1) / m;
+  with pp > 1) and pipelined 1F1B: a bubble of (m + pp - 1) / m. A train_step takes one
+  optimizer step per minibatch (realflow.interfaces.common.train_minibatches: one
+  `engine.train_batch` each), so its pipeline fills and drains once per minibatch, over that
+  minibatch's micro-batches;
+- tensor parallelism is Megatron's (realflow.parallel.tp): 2 all-reduces per block forward,
+  2 per block backward (the recomputed forward of gradient checkpointing adds 2);
 - generate runs the prefill like an inference call on the prompts, then one decode step per
   answer token; with pp > 1 the stages run one after another for every token (no
   micro-batching of the decode, as realflow.parallel.generate does), so pp does not speed a
@@ -29,7 +34,12 @@ from realflow.search.spec import DeviceProfile, Link, ModelSpec
 
 TRAIN_STATE_BYTES = 16.0  # fp32 weights + fp32 grads + Adam m, v
 GRAD_BYTES = 4.0  # gradients are all-reduced in fp32 (the torch backend's master weights)
-ACT_BYTES_PER_HIDDEN = 34.0  # stored activations per token per layer per hidden unit (bf16)
+# Stored activations per token per layer per hidden unit (bf16, no sequence parallelism, flash
+# attention): Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+# Models"), s b h (10 + 24 / t): the norms' and residual inputs (10) are whole on every tp rank,
+# only the projections' and MLP's (24) are split.
+ACT_BYTES_REPLICATED = 10.0
+ACT_BYTES_SPLIT = 24.0
 USABLE_MEMORY = 0.9  # fraction of a device's memory a plan may fill (allocator slack)
 
 
@@ -71,15 +81,22 @@ class Links:
     dp: Link
 
 
-def n_microbatches(work: Work, layout: Layout) -> int:
-    """Micro-batches per replica: enough to respect the token budget, >= 2 * pp with pp > 1,
-    at most one per sequence."""
-    b = math.ceil(work.n_seqs / layout.dp)
+def n_microbatches(work: Work, layout: Layout, b: int | None = None) -> int:
+    """Micro-batches of `b` sequences (default: one replica's batch): enough to respect the
+    token budget, >= 2 * pp with pp > 1, at most one per sequence."""
+    if b is None:
+        b = math.ceil(work.n_seqs / layout.dp)
     tokens = b * work.seq_len
     m = math.ceil(tokens / work.max_tokens_per_mb)
     if layout.pp > 1:
         m = max(m, 2 * layout.pp)
     return max(1, min(m, b))
+
+
+def minibatch_seqs(work: Work, layout: Layout) -> int:
+    """Sequences of one optimizer step on one replica: the replica's batch split into
+    `n_minibatches` (the largest part)."""
+    return math.ceil(math.ceil(work.n_seqs / layout.dp) / work.n_minibatches)
 
 
 def stage_layers(model: ModelSpec, pp: int) -> int:
@@ -106,14 +123,16 @@ def _forward_pass_time(
     dev: DeviceProfile,
     links: Links,
 ) -> float:
-    """`passes` forward-equivalents (1: inference, 3: forward + backward) over `tokens` tokens of
-    one replica in `m` micro-batches, pipelined over pp stages, tp-sharded."""
+    """`passes` forward-equivalents (1: inference, 3: forward + backward, 4 with a recomputed
+    forward) over `tokens` tokens of one replica in `m` micro-batches, pipelined over pp stages
+    (one fill and drain), tp-sharded."""
     flops = passes * tokens * model.fwd_flops_per_token(ctx)
     stage_compute = flops / (layout.tp * layout.pp * dev.peak_flops * eff)
     layers = stage_layers(model, layout.pp)
     act_bytes = tokens * model.hidden_size * dev.param_bytes
-    # two all-reduces per block forward (attention, MLP); twice more in backward
-    n_ar = 2 * passes
+    # two all-reduces per block forward (attention, MLP), two per block backward; the backward
+    # is 2 forward-equivalents of FLOPs but one set of all-reduces
+    n_ar = 2 * (passes - 1) if passes > 1 else 2
     tp_comm = layers * n_ar * allreduce_time(act_bytes, layout.tp, links.tp, messages=m)
     overhead = layers * m * passes * dev.layer_s
     per_stage = stage_compute + tp_comm + overhead
@@ -128,19 +147,18 @@ def _forward_pass_time(
 def train_time(
     model: ModelSpec, layout: Layout, work: Work, dev: DeviceProfile, links: Links
 ) -> float:
-    """One train_step call: forward + backward of every micro-batch, a gradient all-reduce over
-    dp and an Adam step per minibatch."""
-    b = math.ceil(work.n_seqs / layout.dp)
-    tokens = b * work.seq_len
-    m = n_microbatches(work, layout)
+    """One train_step call: per minibatch, forward + backward of its micro-batches through
+    the pipeline, a gradient all-reduce over dp and an Adam step."""
+    b = minibatch_seqs(work, layout)
+    m = n_microbatches(work, layout, b)
     passes = 4.0 if work.gradient_checkpointing else 3.0
     fb = _forward_pass_time(
-        model, layout, tokens, work.seq_len / 2, m, passes, dev.train_eff, dev, links
+        model, layout, b * work.seq_len, work.seq_len / 2, m, passes, dev.train_eff, dev, links
     )
     p_dev = device_params(model, layout)
     grad_sync = allreduce_time(p_dev * GRAD_BYTES, layout.dp, links.dp)
     optim = p_dev * dev.optim_bytes_per_param / dev.mem_bandwidth
-    return dev.call_s + fb + work.n_minibatches * (grad_sync + optim)
+    return dev.call_s + work.n_minibatches * (fb + grad_sync + optim)
 
 
 def inference_time(
@@ -224,11 +242,16 @@ def activation_bytes(model: ModelSpec, layout: Layout, work: Work, dev: DevicePr
         kv_heads = max(1, model.n_kv_heads // min(layout.tp, model.n_kv_heads))
         kv = b * work.seq_len * 2 * layers * kv_heads * model.head_dim * dev.param_bytes
         return kv + b * logits_per_token * 2
-    m = n_microbatches(work, layout)
-    t_mb = b * work.seq_len / m
     if work.kind == "inference":
+        t_mb = b * work.seq_len / n_microbatches(work, layout)
         return t_mb * (4 * h * dev.param_bytes + logits_per_token * 2)
-    per_layer = 2 * h if work.gradient_checkpointing else ACT_BYTES_PER_HIDDEN * h / layout.tp
+    b = minibatch_seqs(work, layout)
+    m = n_microbatches(work, layout, b)
+    t_mb = b * work.seq_len / m
+    if work.gradient_checkpointing:
+        per_layer = 2 * h
+    else:
+        per_layer = (ACT_BYTES_REPLICATED + ACT_BYTES_SPLIT / layout.tp) * h
     in_flight = min(m, layout.pp)
     stored = in_flight * t_mb * layers * per_layer * scale
     return stored + t_mb * logits_per_token * 3

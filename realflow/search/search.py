@@ -3,8 +3,10 @@ baselines users write by hand.
 
 Algorithm: best-response descent + MCMC (Metropolis), both over the same candidates.
 - Candidates of an MFC: every device range of `Problem.ranges()` (aligned blocks within a
-  node, runs of whole nodes) times the `keep` fastest layouts of that range size that fit its
-  own memory, and the placements the baselines use. Position does not change a call's time,
+  node, runs of whole nodes) times the layouts of that range size that fit its own memory and
+  are worth trying: the `keep` fastest, and every one that needs less memory than all faster
+  ones (what the other MFCs on those devices leave may be little), and the placements the
+  baselines use. Position does not change a call's time,
   only what it shares devices with.
 - Descent: from each start (the baselines, everything on the whole cluster, and `restarts`
   random plans: a mesh allocation's realloc and batch loads make narrow basins), replace one
@@ -56,6 +58,17 @@ def score(problem: Problem, plan: Plan, n_steps: int = 3) -> float:
     return step_time(problem, plan, n_steps)
 
 
+def _own_bytes(problem: Problem, name: str, p: Placement) -> float:
+    """The least MFC `name` needs on each device of `p`, whatever else runs there: a train_step
+    keeps its role's training state at home on `p`; any other call of a trained role holds only
+    a weight copy in the compute dtype there (its training state lives on the train_step's
+    devices), and an untrained role's weights are that copy."""
+    task = problem.by_name[name]
+    if problem.trainer.get(task.role) == name:
+        return problem.resident_bytes(task.role, p) + problem.working_bytes(name, p, True)
+    return problem.working_bytes(name, p, False)
+
+
 def _pinned(problem: Problem) -> Plan:
     """Weightless MFCs (rule-based scorers) cost nothing; they are not searched."""
     return {t.name: Placement(Layout(), 0) for t in problem.tasks if t.model is None}
@@ -67,7 +80,6 @@ def searched(problem: Problem) -> list[str]:
 
 def candidates(problem: Problem, name: str, keep: int = 3) -> list[Placement]:
     """The placements worth trying for MFC `name` (see the module docstring)."""
-    task = problem.by_name[name]
     limit = problem.dev.memory * cost.USABLE_MEMORY
     best_layouts: dict[tuple[int, bool], list[Layout]] = {}
     out = []
@@ -77,11 +89,15 @@ def candidates(problem: Problem, name: str, keep: int = 3) -> list[Placement]:
             fitting = []
             for lay in problem.layouts(name, n):
                 p = Placement(lay, lo)
-                own = problem.working_bytes(name, p, True)
-                own += problem.resident_bytes(task.role, p)
+                own = _own_bytes(problem, name, p)
                 if own <= limit:
-                    fitting.append((problem.time(name, p), str(lay), lay))
-            best_layouts[key] = [lay for _, _, lay in sorted(fitting)[:keep]]
+                    fitting.append((problem.time(name, p), str(lay), own, lay))
+            chosen, leanest = [], math.inf
+            for i, (_, _, own, lay) in enumerate(sorted(fitting)):
+                if i < keep or own < leanest:  # the fastest, and each leaner than all faster
+                    chosen.append(lay)
+                leanest = min(leanest, own)
+            best_layouts[key] = chosen
         out.extend(Placement(lay, lo) for lay in best_layouts[key])
     return out
 
@@ -256,6 +272,8 @@ def _best_response(
 
 
 def _descend(plan, s, cands, names, evaluate, deadline) -> tuple[Plan, float]:
+    """Best responses MFC after MFC until a sweep improves nothing; then the split moves, and
+    sweeps again after one that improves."""
     improved = True
     while improved:
         improved = False
@@ -268,7 +286,38 @@ def _descend(plan, s, cands, names, evaluate, deadline) -> tuple[Plan, float]:
                 s, improved = new, True
             else:
                 plan[name] = before
+        if not improved:
+            moved, new = _best_split(plan, cands, names, evaluate)
+            if new < s - 1e-12:
+                plan.update(moved)
+                s, improved = new, True
     return plan, s
+
+
+SPLIT_LAYOUTS = 3  # layouts tried per half in a split move (the fastest candidates there)
+
+
+def _best_split(plan, cands, names, evaluate) -> tuple[Plan, float]:
+    """The best "split" of two MFCs that share a placement's devices: one on the first half of
+    them, the other on the second, each in one of its `SPLIT_LAYOUTS` fastest candidates there.
+    One best response cannot reach it (moving either alone only crowds the other), e.g. both
+    train steps leaving a shared mesh to train side by side."""
+    best: tuple[Plan, float] = ({}, INF)
+    for a in names:
+        for b in names:
+            p = plan[a]
+            if a == b or plan[b].lo != p.lo or plan[b].n != p.n or p.n < 2 or p.n % 2:
+                continue
+            half = p.n // 2
+            first = [c for c in cands[a] if c.lo == p.lo and c.n == half][:SPLIT_LAYOUTS]
+            second = [c for c in cands[b] if c.lo == p.lo + half and c.n == half][:SPLIT_LAYOUTS]
+            for pa in first:
+                for pb in second:
+                    trial = {**plan, a: pa, b: pb}
+                    t = evaluate(trial)
+                    if t < best[1]:
+                        best = ({a: pa, b: pb}, t)
+    return best
 
 
 def _mcmc(problem, result, cands, names, evaluate, rng, t0, budget_s, max_iters) -> None:

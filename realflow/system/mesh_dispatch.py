@@ -90,8 +90,13 @@ class MeshDispatch:
             for key in t.meta.keys:
                 master._hold(state, key, dst, t.meta.ids)
         release = self.releases_after(mfc, state)
+        by_worker: dict[int, list[tuple[int, Transfer]]] = collections.defaultdict(list)
+        for src, dst, t in moves:  # each worker's moves, in the order of `moves`
+            by_worker[src].append((dst, t))
+            if dst != src:
+                by_worker[dst].append((dst, t))
         for w in mesh.workers:
-            mine = [(dst, t) for src, dst, t in moves if w in (src, dst)]
+            mine = by_worker.get(w, [])
             ids = parts[mesh.coords(w).dp]
             if master.transport_sends:
                 req = MFCRequest(mfc.name, state.step, ids, [], state.round, mine, release)
@@ -164,9 +169,13 @@ def dp_parts(meta: SequenceSample, dp: int) -> list[list[Any]]:
     return [list(part.ids) for part in meta.split(dp)]
 
 
-def subset(meta: SequenceSample, ids: Sequence[Any]) -> SequenceSample:
-    """The metadata of samples `ids` (in that order) of `meta`."""
-    row = {i: r for r, i in enumerate(meta.ids)}
+def subset(
+    meta: SequenceSample, ids: Sequence[Any], row: dict[Any, int] | None = None
+) -> SequenceSample:
+    """The metadata of samples `ids` (in that order) of `meta`; `row`: each id's row in `meta`
+    when the caller has it (a mesh of 1024 workers asks for hundreds of subsets of one meta)."""
+    if row is None:
+        row = {i: r for r, i in enumerate(meta.ids)}
     return meta.index([row[i] for i in ids])
 
 
@@ -184,25 +193,36 @@ def plan_moves(
     pieces: dict[tuple[int, int], dict[tuple[Any, ...], list[str]]] = collections.defaultdict(
         lambda: collections.defaultdict(list)
     )
+    owner: dict[str, dict[Any, int]] = {}  # key -> each sample's lowest-numbered holder
+    for key in dict.fromkeys(keys):
+        owner[key] = {}
+        for src in sorted(held[key], reverse=True):
+            owner[key].update(dict.fromkeys(held[key][src], src))
     for w in mesh.workers:
         ids = parts[mesh.coords(w).dp]
         for key in dict.fromkeys(keys):
-            have = held[key]
-            missing = [i for i in ids if i not in have.get(w, ())]
-            for src in sorted(have):
-                if not missing:
-                    break
-                take = [i for i in missing if i in have[src]]
-                if take and src != w:
-                    pieces[(src, w)][tuple(take)].append(key)
-                    missing = [i for i in missing if i not in have[src]]
-            assert not missing, f"no worker holds samples {missing[:3]} of key {key!r}"
+            mine = held[key].get(w, ())
+            missing = [i for i in ids if i not in mine]
+            unheld = [i for i in missing if i not in owner[key]]
+            assert not unheld, f"no worker holds samples {unheld[:3]} of key {key!r}"
+            by_src: dict[int, list[Any]] = collections.defaultdict(list)
+            for i in missing:  # in the order of the part, as each source sends them
+                by_src[owner[key][i]].append(i)
+            for src in sorted(by_src):
+                pieces[(src, w)][tuple(by_src[src])].append(key)
     moves = []
+    rows: dict[str, dict[Any, int]] = {}  # key -> each sample id's row in metas[key]
+
+    def part(k: str, ids: tuple[Any, ...]) -> SequenceSample:
+        if k not in rows:
+            rows[k] = {i: r for r, i in enumerate(metas[k].ids)}
+        return subset(metas[k], ids, rows[k]).meta()
+
     for (src, dst), by_ids in sorted(pieces.items()):
         for ids, ks in by_ids.items():
-            meta = subset(metas[ks[0]], ids).meta()
+            meta = part(ks[0], ids)
             for k in ks[1:]:
-                meta.update_(subset(metas[k], ids).meta())
+                meta.update_(part(k, ids))
             moves.append((src, dst, Transfer(src, meta)))
     return moves
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from realflow.api.data import (
     SequenceSample,
     SequenceSampleError,
+    _dp_partition,
     balanced_partition,
     cu_seqlens_from_lengths,
     lengths_from_cu_seqlens,
@@ -298,6 +299,18 @@ def test_balanced_partition_examples_and_errors():
         balanced_partition([1, 1], 3)
     with pytest.raises(SequenceSampleError, match="must be positive"):
         balanced_partition([1, 1], 1, min_size=0)
+
+
+def test_balanced_partition_of_equal_costs_is_the_dynamic_programs():
+    """Equal costs take a closed form (O(k), for the simulator's 1024-way splits): the same
+    cuts as the exact DP, ties included (zero costs: every cut ties), for every small case."""
+    for n in range(1, 26):
+        for k in range(1, n + 1):
+            for min_size in range(1, n // k + 1):
+                for c in (0, 1, 3):
+                    costs = [c] * n
+                    expected = _dp_partition(costs, k, min_size)
+                    assert balanced_partition(costs, k, min_size) == expected, (n, k, min_size, c)
 
 
 # ---- properties ------------------------------------------------------------------------------

@@ -83,6 +83,35 @@ def test_train_time_by_hand():
     assert cost.train_time(TOY, Layout(2, 1, 1), work, DEV, LINKS) == pytest.approx(expected)
 
 
+def test_train_pipeline_fills_and_drains_once_per_minibatch():
+    """Each minibatch is its own `engine.train_batch` (an optimizer step), so the 1F1B pipeline
+    drains before the next: 2 minibatches of 4 seqs x 4 tokens, a 4-token budget -> 4
+    micro-batches each, bubble (4 + 1) / 4 twice (not 8 micro-batches and (8 + 1) / 8 once)."""
+    work = cost.Work("train_step", n_seqs=8, prompt_len=2, gen_len=2, max_tokens_per_mb=4,
+                     n_minibatches=2)  # fmt: skip
+    layout = Layout(1, 1, 2)
+    per_stage = 3 * 16 * (720 + 32 * 2) / (2 * 1000 * 0.5)  # one minibatch's FLOPs / 2 stages
+    # forward and backward sends per boundary: (4 + 1) each, of 16 tokens * 4 hidden * 2 / 4
+    pp_comm = 5 * 2 * (32 / 10 + 0.01)
+    optim = (168 + 40) * 28.0 / 100.0  # stage 0: one block + embedding
+    expected = 1.0 + 2 * (per_stage * 5 / 4 + pp_comm + optim)
+    assert cost.train_time(TOY, layout, work, DEV, LINKS) == pytest.approx(expected)
+
+
+def test_train_tensor_parallel_all_reduces_by_hand():
+    """Megatron tp (realflow.parallel.tp): 2 all-reduces per block forward and 2 backward; a
+    recomputed forward (gradient checkpointing) adds 2. One replica of 2 seqs x 4 tokens."""
+    ar = 2 * 1 / 2 * (8 * 4 * 2) / 10 + 2 * 0.01  # 8 tokens x hidden 4 x 2 bytes over tp=2
+    optim = 208 * 28.0 / 100.0
+    for ckpt, passes, n_ar in ((False, 3, 4), (True, 4, 6)):
+        work = cost.Work("train_step", n_seqs=2, prompt_len=2, gen_len=2,
+                         gradient_checkpointing=ckpt)  # fmt: skip
+        compute = passes * 8 * (720 + 32 * 2) / (2 * 1000 * 0.5)
+        expected = 1.0 + compute + 2 * n_ar * ar + optim
+        got = cost.train_time(TOY, Layout(1, 2, 1), work, DEV, LINKS)
+        assert got == pytest.approx(expected), ckpt
+
+
 def test_generate_time_by_hand():
     # 2 seqs on one device: prefill of 2 x 3 prompt tokens, then 2 decode steps at ctx 3 + 1.
     work = cost.Work("generate", n_seqs=2, prompt_len=3, gen_len=2)
@@ -120,6 +149,15 @@ def test_memory_by_hand():
     # train: 1 micro-batch of 8 tokens, 34 * hidden bytes per token per layer, logits 3x fp32
     tr = cost.Work("train_step", n_seqs=2, prompt_len=2, gen_len=2)
     assert cost.activation_bytes(TOY, Layout(1, 1, 1), tr, DEV) == 8 * 2 * 34 * 4 + 8 * 40 * 3
+
+
+def test_tensor_parallel_splits_only_part_of_the_stored_activations():
+    """Without sequence parallelism (realflow has none) the norms' and residual inputs are whole
+    on every tp rank: (10 + 24 / tp) * hidden bytes per token per layer (Korthikanti et al.
+    2022), not 34 / tp. tp=2: 8 tokens x 2 layers x (10 + 12) x 4, logits 3x fp32 of 10 / 2."""
+    tr = cost.Work("train_step", n_seqs=2, prompt_len=2, gen_len=2)
+    expected = 8 * 2 * (10 + 24 / 2) * 4 + 8 * 5 * 4 * 3
+    assert cost.activation_bytes(TOY, Layout(1, 2, 1), tr, DEV) == pytest.approx(expected)
 
 
 def test_out_of_memory_check():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import pytest
 from conftest import DEV, SMALL, make_cluster, ppo_problem
@@ -65,6 +66,25 @@ def test_independent_calls_go_to_their_own_devices():
     assert found.plan["a"].n == found.plan["b"].n == 1
 
 
+def test_descent_splits_two_calls_off_a_shared_mesh():
+    """From both calls on both devices no single move helps (one call alone on one device
+    still waits for the other's), but one on each device is better: the split move of the
+    descent reaches it, and it is the brute-force optimum."""
+    problem = _two_inferences(make_cluster(per=2))
+    cands = {m: search.candidates(problem, m) for m in ("a", "b")}
+    both = Placement(Layout(2, 1, 1), 0)
+    start = {"a": both, "b": both}
+    s0 = search.score(problem, start)
+    for m in ("a", "b"):  # the premise: a local optimum of single moves
+        assert all(search.score(problem, {**start, m: p}) >= s0 for p in cands[m])
+    deadline = time.perf_counter() + 60
+    plan, s = search._descend(dict(start), s0, cands, ["a", "b"], lambda p: search.score(
+        problem, p), deadline)  # fmt: skip
+    best, _ = _brute_force(problem)
+    assert s == pytest.approx(best) and s < s0
+    assert {plan["a"].lo, plan["b"].lo} == {0, 1} and plan["a"].n == plan["b"].n == 1
+
+
 def test_a_model_too_big_for_one_device_gets_model_parallelism():
     """A device holds 4 GB; the training state of this model (16 bytes per weight) needs more
     than one, so the train step must shard it over both devices (tp or pp)."""
@@ -76,6 +96,55 @@ def test_a_model_too_big_for_one_device_gets_model_parallelism():
     found = search.search(problem, budget_s=10, max_iters=50)
     lay = found.plan["train"].layout
     assert lay.tp * lay.pp == 2 and found.step_time_s < search.INF
+
+
+def test_a_generation_too_big_to_train_on_its_devices_is_still_a_candidate():
+    """A generate call of a trained role holds a weight copy where it runs; the training state
+    stays on the train_step's devices. So a device that cannot hold this model's training state
+    (16 bytes per weight) can still generate: every placement of the generate call that gives a
+    fitting plan (full memory accounting) with the train step on both devices is a candidate."""
+    big = dataclasses.replace(SMALL, n_layers=24, hidden_size=1024, intermediate_size=2048)
+    assert big.params * 16 > DEV.memory * 0.9  # no training state on one device
+    mfcs = [
+        MFCDef("gen", "m", "generate", InterfaceSpec("x"), 4, ("prompts",), ("answers",)),
+        MFCDef("train", "m", "train_step", InterfaceSpec("x"), 4, ("answers",), ()),
+    ]
+    problem = problem_from_dfg(build_dfg(mfcs), {"m": big}, make_cluster(per=2), 32, 32)
+    train = Placement(Layout(1, 2, 1), 0)
+    fitting = {
+        Placement(lay, lo)
+        for lo, n in problem.ranges()
+        for lay in problem.layouts("gen", n)
+        if problem.fits({"gen": Placement(lay, lo), "train": train})
+    }
+    assert Placement(Layout(), 0) in fitting  # the premise: one device generates
+    assert fitting <= set(search.candidates(problem, "gen", keep=100))
+
+
+def test_candidates_keep_every_layout_leaner_than_all_faster_ones():
+    """Where other calls leave little memory the fastest layouts may not fit: besides the
+    `keep` fastest, every layout of a range that needs less memory than every faster one is a
+    candidate (no other is: a slower layout needing as much is never better)."""
+    problem, _ = ppo_problem(make_cluster(nodes=2, per=4))
+    for name in ("critic_inf", "actor_gen", "actor_train"):
+        for lo, n in ((0, 4), (0, 8)):
+            rows = [
+                (problem.time(name, Placement(lay, lo)), str(lay),
+                 search._own_bytes(problem, name, Placement(lay, lo)))
+                for lay in problem.layouts(name, n)
+            ]  # fmt: skip
+            rows = [r for r in rows if r[2] <= DEV.memory * 0.9]
+            faster = {r[1]: [q for q in rows if q[:2] < r[:2]] for r in rows}
+            expected = {
+                r[1] for r in rows
+                if len(faster[r[1]]) < 3 or all(q[2] > r[2] for q in faster[r[1]])
+            }  # fmt: skip
+            got = {
+                str(p.layout) for p in search.candidates(problem, name) if (p.lo, p.n) == (lo, n)
+            }
+            assert got == expected, (name, n)
+    lean = {str(p.layout) for p in search.candidates(problem, "critic_inf") if p.n == 4}
+    assert len(lean) > 3  # the premise: more than the 3 fastest
 
 
 def test_nothing_fits_gives_no_plan():

@@ -69,6 +69,35 @@ def test_moves_bring_each_worker_its_dp_ranks_samples_once_in_one_global_order()
     assert from2to3.meta.keys == {"b"}
 
 
+def test_moves_take_each_sample_from_its_lowest_numbered_holder():
+    """Samples held by several workers (random overlaps): every worker gets each sample it
+    lacks once, from the lowest-numbered worker holding it, in one transfer per (source,
+    destination, samples) with every key that source sends of them; checked against a plain
+    loop over the workers, keys and holders."""
+    rng = random.Random(0)
+    ids = list(range(12))
+    for _ in range(30):
+        metas = {k: meta(ids, [rng.randint(1, 5) for _ in ids], k) for k in ("a", "b")}
+        held = {k: {w: set(rng.sample(ids, 6)) for w in rng.sample(range(8), 4)} for k in metas}
+        for k in held:  # every sample held somewhere
+            held[k][min(held[k])] |= set(ids) - set().union(*held[k].values())
+        mesh = Mesh.parse("d2t2p1@2-5")
+        parts = [ids[:7], ids[7:]]
+        expected: dict[tuple[int, int], dict[tuple[int, ...], list[str]]] = {}
+        for w in mesh.workers:
+            for key in ("a", "b"):
+                lacking = [i for i in parts[mesh.coords(w).dp] if i not in held[key].get(w, ())]
+                for src in sorted(held[key]):
+                    take = [i for i in lacking if i in held[key][src]]
+                    if take:
+                        expected.setdefault((src, w), {}).setdefault(tuple(take), []).append(key)
+                    lacking = [i for i in lacking if i not in held[key][src]]
+        got: dict[tuple[int, int], dict[tuple[int, ...], list[str]]] = {}
+        for src, dst, t in plan_moves(mesh, parts, ["a", "b"], held, metas):
+            got.setdefault((src, dst), {})[tuple(t.meta.ids)] = sorted(t.meta.keys)
+        assert got == expected
+
+
 def test_tp_peers_of_a_dp_rank_get_the_same_samples():
     ids = list(range(4))
     metas = {"a": meta(ids, [1, 2, 3, 4], "a")}
