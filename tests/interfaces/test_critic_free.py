@@ -219,7 +219,7 @@ def test_group_filter_keeps_groups_whose_scores_differ():
     [
         ("rloo_actor", {"kl_estimator": "k4"}, r"rloo kl_estimator 'k4' unknown"),
         ("grpo_actor", {"loss_type": "bnpo"}, r"loss_type 'bnpo' unknown; known: grpo, dapo, dr_grpo"),
-        ("grpo_actor", {"scale_rewards": "std"}, r"scale_rewards 'std' unknown"),
+        ("grpo_actor", {"scale_rewards": "std"}, r"scale_rewards 'std' unknown; known: group, batch, none$"),
         ("grpo_actor", {"overlong_buffer_len": 13}, r"overlong_buffer_len \(13\) must be <= gen.max_new_tokens \(12\)"),
         ("reinforce_pp_actor", {"gamma": 2.0}, r"reinforce_pp gamma \(2.0\) must be in \[0, 1\]"),
     ],

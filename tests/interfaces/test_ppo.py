@@ -367,3 +367,19 @@ def test_dp_whitening_uses_the_whole_batch_of_every_rank(monkeypatch):
         got = ppo.dp_masked_whiten(x[rank], masks[rank], "dp")
         assert got.tolist() == pytest.approx(want, rel=1e-5)
         assert ppo.dp_all(x[rank][masks[rank]], "dp").tolist() == on
+
+
+def test_value_norm_keeps_the_return_statistics_and_denormalises_the_critic():
+    """value_norm: the critic's values are in the units of the running mean and (population)
+    variance of every answer token's return so far; without it there are no statistics."""
+    from realflow.interfaces.ppo import PPOArgs, PPOReturns
+
+    returns = PPOReturns(PPOArgs(value_norm=True))
+    returns.compute(synthetic_batch([False, False], [3.0, 1.0]))
+    # Returns 3, 3, 3 and 1, 1, 1 on the answer tokens: mean 2, population variance 1.
+    assert returns.state_dict()["value_rms"] == {"mean": 2.0, "var": 1.0, "count": 6, "eps": 1e-5}
+    batch = returns.compute(synthetic_batch([False, False], [3.0, 1.0]))
+    # The critic's 0 is now the running mean 2: advantages are score - 2 (gamma = lambda = 1).
+    assert batch.stats["values/mean"] == pytest.approx(2.0)
+    assert batch.advantages_T1.view(2, 4)[:, 1:].tolist() == [[1.0] * 3, [-1.0] * 3]
+    assert "value_rms" not in PPOReturns(PPOArgs()).state_dict()
