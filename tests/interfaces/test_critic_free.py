@@ -51,23 +51,29 @@ def groups(values: list[float], size: int) -> list[list[float]]:
     return [values[i : i + size] for i in range(0, len(values), size)]
 
 
-def test_rloo_advantages_with_kl_in_the_reward(tokenizer):
+@pytest.mark.parametrize("estimator", ["k1", "k2"])
+def test_rloo_advantages_with_kl_in_the_reward(tokenizer, estimator):
     beta, k = 0.1, 3
-    rloo = make("rloo_actor", group_size=k, kl_beta=beta, kl_in_reward=True)
+    rloo = make("rloo_actor", group_size=k, kl_beta=beta, kl_in_reward=True, kl_estimator=estimator)
     data = rl_batch(tokenizer, [k] * 4, rloo, seed=1)
     adv_T1, stats = rloo.advantages(data)
     scores = data.data["rewards"].tolist()
-    shaped = []
+    shaped, kl_rewards = [], []
     for s, lp, ref, mask in zip(
         scores, per_seq(data, "logprobs"), per_seq(data, "ref_logprobs"), answer_masks(data)
     ):
-        kl = sum(a - b for a, b, m in zip(lp, ref, mask) if m)  # k1, summed over the answer
+        # k1 = log pi - log ref, k2 = (log pi - log ref)^2 / 2, summed over the answer
+        per_token = [a - b if estimator == "k1" else (a - b) ** 2 / 2 for a, b in zip(lp, ref)]
+        kl = sum(x for x, m in zip(per_token, mask) if m)
         shaped.append(s - beta * kl)
+        kl_rewards.append(-beta * kl)
     want = []
     for g in groups(shaped, k):
         want += [r - (sum(g) - r) / (k - 1) for r in g]
     assert adv_per_seq(adv_T1, data) == pytest.approx(want, abs=1e-5)
     assert stats["reward/mean"] == pytest.approx(sum(scores) / len(scores))
+    assert stats["kl_reward/mean"] == pytest.approx(sum(kl_rewards) / len(kl_rewards), abs=1e-6)
+    assert stats["advantages/abs_mean"] == pytest.approx(sum(map(abs, want)) / len(want), abs=1e-5)
 
 
 def test_rloo_needs_two_answers_per_prompt_to_train(tokenizer):
@@ -219,7 +225,7 @@ def test_group_filter_keeps_groups_whose_scores_differ():
     [
         ("rloo_actor", {"kl_estimator": "k4"}, r"rloo kl_estimator 'k4' unknown"),
         ("grpo_actor", {"loss_type": "bnpo"}, r"loss_type 'bnpo' unknown; known: grpo, dapo, dr_grpo"),
-        ("grpo_actor", {"scale_rewards": "std"}, r"scale_rewards 'std' unknown"),
+        ("grpo_actor", {"scale_rewards": "std"}, r"scale_rewards 'std' unknown; known: group, batch, none$"),
         ("grpo_actor", {"overlong_buffer_len": 13}, r"overlong_buffer_len \(13\) must be <= gen.max_new_tokens \(12\)"),
         ("reinforce_pp_actor", {"gamma": 2.0}, r"reinforce_pp gamma \(2.0\) must be in \[0, 1\]"),
     ],

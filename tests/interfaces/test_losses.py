@@ -10,7 +10,7 @@ from iface_testutils import MB, NO_LIMIT, dataset_batch, inference_model, train_
 
 from realflow.api.data import SequenceSample
 from realflow.api.registry import DPO_LOSSES, INTERFACES, RW_LOSSES, SFT_LOSSES
-from realflow.interfaces.losses import call_loss
+from realflow.interfaces.losses import TokenLossInput, call_loss
 
 
 @pytest.fixture
@@ -168,3 +168,16 @@ def test_call_loss_names_what_a_loss_returned_instead_of_a_tensor():
         call_loss(lambda inp: [1.0, 2.0], None, 2, "mine")
     with pytest.raises(ValueError, match=r"shape \(2,\); got \(3,\)$"):
         call_loss(lambda inp: torch.zeros(3), None, 2, "mine")
+
+
+def test_token_loss_input_rows_and_targets_against_a_loop_over_sequences():
+    # sequences of 3, 1 and 4 tokens: row t of a sequence predicts its token t+1
+    ids_T = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12])
+    cu_B1 = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    logits_TV = torch.arange(8 * 2, dtype=torch.float32).reshape(8, 2)
+    inp = TokenLossInput(logits_TV, torch.zeros(4), torch.ones(4), ids_T, cu_B1)
+    bounds = [(0, 3), (3, 4), (4, 8)]
+    want_targets = [int(ids_T[t]) for a, b in bounds for t in range(a + 1, b)]
+    want_rows = [logits_TV[t] for a, b in bounds for t in range(a, b - 1)]
+    assert inp.target_ids_T1().tolist() == want_targets == [6, 7, 10, 11, 12]
+    torch.testing.assert_close(inp.shifted_logits(), torch.stack(want_rows))

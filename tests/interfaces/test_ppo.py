@@ -280,3 +280,106 @@ def test_adaptive_kl_coef_follows_the_observed_kl(target_over_kl):
     want = 0.1 * (1 + err * len(pairs) / 500.0)
     assert returns.kl_ctl.value == pytest.approx(want, rel=1e-5)
     assert (returns.kl_ctl.value > 0.1) == (target_over_kl < 1)
+
+
+def sample_var(xs):
+    m = sum(xs) / len(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def test_explained_variance_against_the_formula():
+    """1 - Var(returns - values) / Var(returns) over the masked entries (unbiased variances);
+    1 for values equal to the returns, nan for constant returns."""
+    from realflow.interfaces.ppo import explained_variance
+
+    values = torch.tensor([0.5, 9.0, 1.0, 2.0, -1.0])
+    returns = torch.tensor([1.0, 7.0, 2.0, 0.0, 1.5])
+    mask = torch.tensor([True, False, True, True, True])
+    on = [(float(v), float(r)) for v, r, m in zip(values, returns, mask) if m]
+    want = 1.0 - sample_var([r - v for v, r in on]) / sample_var([r for _, r in on])
+    assert explained_variance(values, returns, mask) == pytest.approx(want, rel=1e-6)
+    assert explained_variance(returns, returns, mask) == 1.0
+    assert math.isnan(explained_variance(values, torch.full((5,), 2.0), mask))
+
+
+def test_drop_last_token_keeps_the_first_l_minus_1_values_of_each_sequence():
+    from realflow.interfaces.ppo import drop_last_token
+
+    values_T = torch.arange(9, dtype=torch.float32)
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)  # sequences of 4, 2 and 3 tokens
+    want = [float(values_T[t]) for a, b in [(0, 4), (4, 6), (6, 9)] for t in range(a, b - 1)]
+    assert drop_last_token(values_T, cu).tolist() == want == [0.0, 1.0, 2.0, 4.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize(
+    "gen, temperature",
+    [(dict(), 1.0), (dict(temperature=0.7), 0.7), (dict(greedy=True, temperature=0.7), 1.0),
+     (dict(greedy=False, temperature=0.5), 0.5)],
+)  # fmt: skip
+def test_logprob_temperature(gen, temperature):
+    from realflow.interfaces.ppo import PPOArgs
+
+    assert PPOArgs(gen=gen).temperature == temperature
+
+
+def test_unknown_generation_argument_is_an_error():
+    from realflow.interfaces.ppo import PPOArgs
+
+    with pytest.raises(ValueError, match=r"unknown generation arguments \['temp'\]; known: \["):
+        PPOArgs(gen=dict(temp=0.7, top_k=3)).generation_config()
+    assert PPOArgs(gen=dict(top_k=3)).generation_config().top_k == 3
+
+
+def test_policy_loss_stats_names():
+    from realflow.algorithms.ppo import PPOActorStats
+    from realflow.interfaces.ppo import policy_loss_stats
+
+    values = dict(pg_loss=1.0, approx_kl_k1=2.0, approx_kl_k2=3.0, approx_kl_k3=4.0,
+                  clip_frac=5.0, dual_clip_frac=6.0, ratio_mean=7.0, ratio_max=8.0, n_tokens=9.0)  # fmt: skip
+    stats = PPOActorStats(**{k: torch.tensor(v) for k, v in values.items()})
+    assert policy_loss_stats(stats) == {
+        "pg_loss": 1.0, "clip_frac": 5.0, "importance_ratio": 7.0, "importance_ratio_max": 8.0,
+        "approx_kl": 4.0,
+    }  # fmt: skip
+
+
+def test_dp_whitening_uses_the_whole_batch_of_every_rank(monkeypatch):
+    """With a data-parallel group each rank whitens its part with the mean and variance of the
+    answer tokens of every rank: its entries of the whitened whole batch. dp_cat (the
+    all_gather) is replaced by the concatenation two ranks would gather."""
+    import realflow.interfaces.ppo as ppo
+
+    x = [torch.tensor([3.0, 100.0, -1.0]), torch.tensor([2.0, 0.5, 7.0, -50.0])]
+    masks = [torch.tensor([True, False, True]), torch.tensor([True, True, True, False])]
+    on = [float(v) for xr, mr in zip(x, masks) for v, m in zip(xr, mr) if m]
+    mean, std = sum(on) / len(on), math.sqrt(sample_var(on) + 1e-8)
+    for rank in (0, 1):
+
+        def gather(t, group, rank=rank):
+            if group is None:
+                return None
+            every = [xr[mr] for xr, mr in zip(x, masks)]
+            assert torch.equal(t, every[rank])
+            return torch.cat(every), sum(len(e) for e in every[:rank])
+
+        monkeypatch.setattr(ppo, "dp_cat", gather)
+        want = [(float(v) - mean) / std if m else 0.0 for v, m in zip(x[rank], masks[rank])]
+        got = ppo.dp_masked_whiten(x[rank], masks[rank], "dp")
+        assert got.tolist() == pytest.approx(want, rel=1e-5)
+        assert ppo.dp_all(x[rank][masks[rank]], "dp").tolist() == on
+
+
+def test_value_norm_keeps_the_return_statistics_and_denormalises_the_critic():
+    """value_norm: the critic's values are in the units of the running mean and (population)
+    variance of every answer token's return so far; without it there are no statistics."""
+    from realflow.interfaces.ppo import PPOArgs, PPOReturns
+
+    returns = PPOReturns(PPOArgs(value_norm=True))
+    returns.compute(synthetic_batch([False, False], [3.0, 1.0]))
+    # Returns 3, 3, 3 and 1, 1, 1 on the answer tokens: mean 2, population variance 1.
+    assert returns.state_dict()["value_rms"] == {"mean": 2.0, "var": 1.0, "count": 6, "eps": 1e-5}
+    batch = returns.compute(synthetic_batch([False, False], [3.0, 1.0]))
+    # The critic's 0 is now the running mean 2: advantages are score - 2 (gamma = lambda = 1).
+    assert batch.stats["values/mean"] == pytest.approx(2.0)
+    assert batch.advantages_T1.view(2, 4)[:, 1:].tolist() == [[1.0] * 3, [-1.0] * 3]
+    assert "value_rms" not in PPOReturns(PPOArgs()).state_dict()
