@@ -347,7 +347,7 @@ def test_dp_whitening_uses_the_whole_batch_of_every_rank(monkeypatch):
     """With a data-parallel group each rank whitens its part with the mean and variance of the
     answer tokens of every rank: its entries of the whitened whole batch. dp_cat (the
     all_gather) is replaced by the concatenation two ranks would gather."""
-    import realflow.interfaces.ppo as ppo
+    import realflow.interfaces.dp_stats as dp_stats
 
     x = [torch.tensor([3.0, 100.0, -1.0]), torch.tensor([2.0, 0.5, 7.0, -50.0])]
     masks = [torch.tensor([True, False, True]), torch.tensor([True, True, True, False])]
@@ -362,11 +362,11 @@ def test_dp_whitening_uses_the_whole_batch_of_every_rank(monkeypatch):
             assert torch.equal(t, every[rank])
             return torch.cat(every), sum(len(e) for e in every[:rank])
 
-        monkeypatch.setattr(ppo, "dp_cat", gather)
+        monkeypatch.setattr(dp_stats, "dp_cat", gather)
         want = [(float(v) - mean) / std if m else 0.0 for v, m in zip(x[rank], masks[rank])]
-        got = ppo.dp_masked_whiten(x[rank], masks[rank], "dp")
+        got = dp_stats.dp_masked_whiten(x[rank], masks[rank], "dp")
         assert got.tolist() == pytest.approx(want, rel=1e-5)
-        assert ppo.dp_all(x[rank][masks[rank]], "dp").tolist() == on
+        assert dp_stats.dp_all(x[rank][masks[rank]], "dp").tolist() == on
 
 
 def test_value_norm_keeps_the_return_statistics_and_denormalises_the_critic():
