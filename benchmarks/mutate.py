@@ -35,7 +35,16 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/interfaces", "--ignore=tests/interfaces/test_micro_batch_invariance.py"],
     ),
     "losses": (["realflow/interfaces/losses.py"], ["tests/interfaces/test_losses.py"]),
-    "master": (["realflow/system/master.py"], ["tests/system/test_master_rules.py"]),
+    # The master's rules: scheduling (test_master_rules), weight copies and staleness
+    # (test_async), the sampling loop (test_sampling_loop); ~60 s in all.
+    "master": (
+        ["realflow/system/master.py"],
+        [
+            "tests/system/test_master_rules.py",
+            "tests/system/test_async.py",
+            "tests/system/test_sampling_loop.py",
+        ],
+    ),
 }
 
 
