@@ -123,6 +123,11 @@ def test_bad_arguments_are_refused():
         gather_packed_logprobs(logits, ids, cu, temperature=0.0)
     with pytest.raises(ValueError, match=r"chunk_size \(0\) must be >= 1"):
         packed_entropy(logits, cu, chunk_size=0)
+    with pytest.raises(ValueError, match=r"chunk_size \(0\) must be >= 1"):
+        gather_packed_logprobs(logits, ids, cu, chunk_size=0)
+    ids_msg = r"logits_TV has 19 rows, input_ids_T shape \(18,\), cu_seqlens_B1 covers 19: all"
+    with pytest.raises(ValueError, match=ids_msg):
+        gather_packed_logprobs(logits, ids[:-1], cu)
     with pytest.raises(ValueError, match="logits_TV has 19 rows but cu_seqlens_B1 covers 18"):
         packed_entropy(logits, cu_seqlens_from_lens([5, 1, 8, 4]))
 

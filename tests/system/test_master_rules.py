@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from systest_utils import (
+    EPS_US,
     Spy,
     by_key,
     check_dependencies,
@@ -81,6 +82,25 @@ class NoCheckpointBarrier(Master):
 
     def _dispatch_ready(self, barrier: int | None) -> None:
         super()._dispatch_ready(None)
+
+
+class FetchesPastTheCheckpoint(Master):
+    """Checkpoint barrier broken for the loader only: the batch of a later step is fetched
+    before the due checkpoint is written (its calls still wait)."""
+
+    def _may_fetch(self, step: int, barrier: int | None) -> bool:
+        return super()._may_fetch(step, None)
+
+
+class ThreeStepsInFlight(Master):
+    """The in-flight bound loosened by one: k+3 steps instead of k+2."""
+
+    def _may_fetch(self, step: int, barrier: int | None) -> bool:
+        self.max_staleness += 1
+        try:
+            return super()._may_fetch(step, barrier)
+        finally:
+            self.max_staleness -= 1
 
 
 class FreesOnlyAtStepEnd(Master):
@@ -224,6 +244,30 @@ def test_a_worker_runs_one_call_at_a_time(tmp_path, monkeypatch, master):
         assert peak > 1
 
 
+@pytest.mark.parametrize("master", [Master, NoIdleCheck])
+def test_a_batch_is_not_fetched_while_the_data_worker_runs_a_call(tmp_path, monkeypatch, master):
+    """The data worker is the actor's: the slow gen of step 2 runs on it when step 1 ends (its
+    train is on worker 1) and the batch of step 3 may be fetched; the fetch must wait."""
+    counters: list[CountingTransport] = []
+    make = runner.make_transport
+
+    def counting(cfg: Any) -> Any:
+        counters.append(CountingTransport(make(cfg)))
+        return counters[-1]
+
+    monkeypatch.setattr(runner, "make_transport", counting)
+    nodes = [
+        ToyNode("gen", "actor", "generate", ["packed_prompts"], ["seq"], sleep_s=0.2),
+        ToyNode("train", "critic", "train_step", ["seq"]),
+    ]
+    _run(tmp_path, monkeypatch, master, nodes, total_steps=3, allocation={"actor": 0, "critic": 1})
+    peak = max(counters[-1].peak.values())
+    if master is Master:
+        assert peak == 1
+    else:
+        assert peak > 1
+
+
 # ---- the checkpoint barrier -----------------------------------------------------------------------
 
 
@@ -239,6 +283,82 @@ def test_no_call_of_a_later_step_starts_before_the_due_checkpoint(tmp_path, monk
     saves = load_saves(str(tmp_path))
     assert sorted(saves) == [1, 2, 3, 4]
     early = [e for e in events if e.step > 1 and e.start < saves[e.step - 1][1]]
+    if master is Master:
+        assert early == []
+    else:
+        assert early
+
+
+class OrderTransport:
+    """Wraps a transport; records the order of batch fetches and checkpoint saves."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.log: list[str] = []
+
+    def submit(self, worker: int, kind: Kind, payload: Any = None, frees: Any = ()) -> Any:
+        if kind == Kind.FETCH_BATCH:
+            self.log.append("fetch")
+        return self.inner.submit(worker, kind, payload, frees)
+
+    def call_all(self, workers: list[int], kind: Kind, payload: Any = None) -> list[Any]:
+        if kind == Kind.SAVE:
+            self.log.append("save")
+        return self.inner.call_all(workers, kind, payload)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("master", [Master, FetchesPastTheCheckpoint])
+def test_the_checkpoint_of_step_s_is_written_after_exactly_s_fetches(tmp_path, monkeypatch, master):
+    """The loader's position is part of the checkpoint: resuming from step s must fetch batch
+    s+1 next, so batch s+1 may not be fetched before the checkpoint of step s. The slow
+    critic_train keeps step s open on worker 1 while the data worker (the actor's) is idle."""
+    transports: list[OrderTransport] = []
+    make = runner.make_transport
+
+    def ordered(cfg: Any) -> Any:
+        transports.append(OrderTransport(make(cfg)))
+        return transports[-1]
+
+    monkeypatch.setattr(runner, "make_transport", ordered)
+    nodes = ppo_like_nodes(0.02)
+    nodes[5].sleep_s = 0.3  # critic_train
+    allocation = {"actor": 0, "rew": 1, "ref": 1, "critic": 1}
+    _run(
+        tmp_path,
+        monkeypatch,
+        master,
+        nodes,
+        total_steps=3,
+        save_freq_steps=1,
+        allocation=allocation,
+    )
+    log = transports[-1].log
+    fetched_before_save = [log[:i].count("fetch") for i, x in enumerate(log) if x == "save"]
+    if master is Master:
+        assert fetched_before_save == [1, 2, 3]
+    else:
+        assert fetched_before_save != [1, 2, 3]
+
+
+# ---- steps in flight ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("master", [Master, ThreeStepsInFlight])
+def test_at_most_two_steps_are_in_flight_with_max_staleness_0(tmp_path, monkeypatch, master):
+    """k = 0: no call of step s+2 starts before the last call of step s has ended. gen and ref
+    run on an untrained model (no version to wait for), so only the bound holds them back;
+    the slow train of step s runs on the critic's worker, not on the data worker."""
+    nodes = [
+        ToyNode("gen", "actor", "generate", ["packed_prompts"], ["seq"]),
+        ToyNode("ref", "ref", "inference", ["packed_prompts"], ["r"]),
+        ToyNode("train", "critic", "train_step", ["seq", "r"], sleep_s=0.2),
+    ]
+    _, events = _run(tmp_path, monkeypatch, master, nodes, total_steps=5)
+    end = {s: max(e.end for e in events if e.step == s) for s in range(1, 6)}
+    early = [e for e in events if e.step > 2 and e.start < end[e.step - 2] - EPS_US]
     if master is Master:
         assert early == []
     else:
