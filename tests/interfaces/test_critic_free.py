@@ -98,14 +98,23 @@ def test_rloo_puts_the_kl_in_the_reward_or_in_the_loss(tokenizer, kl_in_reward):
     assert ("kl_reward/mean" in stats) == kl_in_reward
 
 
-def test_reinforce_pp_advantages(tokenizer):
-    """Token rewards -beta * (logp - ref) plus the score at the last answer token, reward-to-go,
-    whitened over all answer tokens of the batch."""
+KL_REF = {  # the estimators of KL(pi || ref) at one token, from its two log-probs
+    "k1": lambda lp, ref: lp - ref,
+    "k2": lambda lp, ref: (lp - ref) ** 2 / 2,
+    "k3": lambda lp, ref: math.exp(ref - lp) - (ref - lp) - 1,
+}
+
+
+@pytest.mark.parametrize("kl_estimator, gamma", [("k1", 1.0), ("k2", 0.9), ("k3", 0.0)])
+def test_reinforce_pp_advantages(tokenizer, kl_estimator, gamma):
+    """Token rewards -beta * KL_t (the chosen estimator) plus the score at the last answer
+    token, reward-to-go discounted by gamma, whitened over all answer tokens of the batch; the
+    stats `returns/mean` (the un-whitened reward-to-go) and `kl` (k1, whatever the estimator)."""
     beta = 0.2
-    rpp = make("reinforce_pp_actor", kl_beta=beta)
+    rpp = make("reinforce_pp_actor", kl_beta=beta, kl_estimator=kl_estimator, gamma=gamma)
     data = rl_batch(tokenizer, [1] * 6, rpp, seed=3)
     adv_T1, stats = rpp.advantages(data)
-    returns = []
+    kl, returns, k1 = KL_REF[kl_estimator], [], []
     for s, lp, ref, mask in zip(
         data.data["rewards"].tolist(),
         per_seq(data, "logprobs"),
@@ -113,25 +122,39 @@ def test_reinforce_pp_advantages(tokenizer):
         answer_masks(data),
     ):
         last = max(i for i, m in enumerate(mask) if m)
-        r = [-beta * (a - b) + (s if i == last else 0.0) for i, (a, b) in enumerate(zip(lp, ref))]
-        returns += [sum(r[i:]) if m else None for i, m in enumerate(mask)]
+        r = [-beta * kl(a, b) + (s if i == last else 0.0) for i, (a, b) in enumerate(zip(lp, ref))]
+        returns += [
+            sum(gamma ** (j - i) * r[j] for j in range(i, len(r))) if m else None
+            for i, m in enumerate(mask)
+        ]
+        k1 += [a - b for a, b, m in zip(lp, ref, mask) if m]
     on = [g for g in returns if g is not None]
     mean = sum(on) / len(on)
     std = math.sqrt(sum((g - mean) ** 2 for g in on) / (len(on) - 1))
     want = [0.0 if g is None else (g - mean) / std for g in returns]
     assert adv_T1.tolist() == pytest.approx(want, abs=1e-4)
-    assert stats["kl"] == pytest.approx(
-        sum(
-            a - b
-            for lp, ref, mask in zip(
-                per_seq(data, "logprobs"), per_seq(data, "ref_logprobs"), answer_masks(data)
-            )
-            for a, b, m in zip(lp, ref, mask)
-            if m
-        )
-        / len(on),  # fmt: skip
-        abs=1e-5,
-    )
+    assert stats["returns/mean"] == pytest.approx(mean, abs=1e-5)
+    assert stats["kl"] == pytest.approx(sum(k1) / len(k1), abs=1e-5)
+
+
+def test_reinforce_pp_without_a_kl_term_needs_no_reference(tokenizer):
+    """kl_beta = 0 (a graph without a ref model): no ref_logprobs are read, no `kl` stat, and
+    the advantages are the whitened scores placed at every answer token (gamma 1)."""
+    rpp = make("reinforce_pp_actor", kl_beta=0.0)
+    data = rl_batch(tokenizer, [1] * 6, rpp, seed=4)
+    keys = [k for k in data.keys if k != "ref_logprobs"]
+    adv_T1, stats = rpp.advantages(data.select(keys))
+    assert "kl" not in stats
+    returns = [
+        s if m else None
+        for s, mask in zip(data.data["rewards"].tolist(), answer_masks(data))
+        for m in mask
+    ]
+    on = [g for g in returns if g is not None]
+    mean = sum(on) / len(on)
+    std = math.sqrt(sum((g - mean) ** 2 for g in on) / (len(on) - 1))
+    want = [0.0 if g is None else (g - mean) / std for g in returns]
+    assert adv_T1.tolist() == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -228,6 +251,8 @@ def test_group_filter_keeps_groups_whose_scores_differ():
         ("grpo_actor", {"scale_rewards": "std"}, r"scale_rewards 'std' unknown; known: group, batch, none$"),
         ("grpo_actor", {"overlong_buffer_len": 13}, r"overlong_buffer_len \(13\) must be <= gen.max_new_tokens \(12\)"),
         ("reinforce_pp_actor", {"gamma": 2.0}, r"reinforce_pp gamma \(2.0\) must be in \[0, 1\]"),
+        ("reinforce_pp_actor", {"gamma": -0.5}, r"reinforce_pp gamma \(-0.5\) must be in \[0, 1\]"),
+        ("reinforce_pp_actor", {"kl_estimator": "k4"}, r"reinforce_pp kl_estimator 'k4' unknown; known: \['k1', 'k2', 'k3'\]$"),
     ],
 )  # fmt: skip
 def test_bad_arguments_say_what_is_wrong(impl, changes, message):
