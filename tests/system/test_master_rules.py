@@ -223,10 +223,9 @@ class CountingTransport:
         return getattr(self.inner, name)
 
 
-@pytest.mark.parametrize("master", [Master, NoIdleCheck])
-def test_a_worker_runs_one_call_at_a_time(tmp_path, monkeypatch, master):
-    """rew, ref and critic share worker 1: the master may give it one call at a time only
-    (in mode=ray the order of point-to-point sends depends on it)."""
+def counting_transports(monkeypatch: Any) -> list[CountingTransport]:
+    """Every transport the runner makes from now on, wrapped in a CountingTransport (the list
+    fills as runs start; the last one is the latest run's)."""
     counters: list[CountingTransport] = []
     make = runner.make_transport
 
@@ -235,6 +234,14 @@ def test_a_worker_runs_one_call_at_a_time(tmp_path, monkeypatch, master):
         return counters[-1]
 
     monkeypatch.setattr(runner, "make_transport", counting)
+    return counters
+
+
+@pytest.mark.parametrize("master", [Master, NoIdleCheck])
+def test_a_worker_runs_one_call_at_a_time(tmp_path, monkeypatch, master):
+    """rew, ref and critic share worker 1: the master may give it one call at a time only
+    (in mode=ray the order of point-to-point sends depends on it)."""
+    counters = counting_transports(monkeypatch)
     allocation = {"actor": 0, "rew": 1, "ref": 1, "critic": 1}
     _run(tmp_path, monkeypatch, master, ppo_like_nodes(0.05), total_steps=2, allocation=allocation)
     peak = max(counters[-1].peak.values())
@@ -248,14 +255,7 @@ def test_a_worker_runs_one_call_at_a_time(tmp_path, monkeypatch, master):
 def test_a_batch_is_not_fetched_while_the_data_worker_runs_a_call(tmp_path, monkeypatch, master):
     """The data worker is the actor's: the slow gen of step 2 runs on it when step 1 ends (its
     train is on worker 1) and the batch of step 3 may be fetched; the fetch must wait."""
-    counters: list[CountingTransport] = []
-    make = runner.make_transport
-
-    def counting(cfg: Any) -> Any:
-        counters.append(CountingTransport(make(cfg)))
-        return counters[-1]
-
-    monkeypatch.setattr(runner, "make_transport", counting)
+    counters = counting_transports(monkeypatch)
     nodes = [
         ToyNode("gen", "actor", "generate", ["packed_prompts"], ["seq"], sleep_s=0.2),
         ToyNode("train", "critic", "train_step", ["seq"]),
